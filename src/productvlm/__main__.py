@@ -1,0 +1,3 @@
+from productvlm.cli import main
+
+main()

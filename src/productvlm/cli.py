@@ -1,0 +1,52 @@
+"""The `productvlm` command line: one verb per step of the flow (see the README)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from productvlm.errors import UserError
+
+app = typer.Typer(
+    help="Fine-tune Phi-3-Vision to write catalog entries (title, category, price) from product photos.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+err_console = Console(stderr=True)
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    if debug:
+        os.environ["PRODUCTVLM_DEBUG"] = "1"
+
+
+def _register_subcommands() -> None:
+    from productvlm.data.cli import app as data_app
+    from productvlm.models.cli import app as model_app
+
+    app.add_typer(data_app, name="data", help="Make, import and inspect catalog datasets.")
+    app.add_typer(model_app, name="model", help="Create and inspect Phi-3-V models.")
+
+
+_register_subcommands()
+
+
+def main() -> None:
+    """Console entry point: user errors are one red line and exit code 2, no traceback."""
+    try:
+        app()
+    except UserError as e:
+        if os.environ.get("PRODUCTVLM_DEBUG"):
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""`productvlm data ...`: synth, import, stats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from productvlm.errors import UserError
+
+app = typer.Typer(no_args_is_help=True)
+console = Console()
+
+
+def _parse_fractions(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in text.replace("/", ",").split(","))
+    except ValueError:
+        raise UserError(f"--split {text!r}: expected three numbers like 80,10,10 or 0.8,0.1,0.1") from None
+    total = sum(parts)
+    if len(parts) != 3 or total <= 0:
+        raise UserError(f"--split {text!r}: expected three numbers (train, validation, test) like 80,10,10")
+    return (parts[0] / total, parts[1] / total, parts[2] / total)
+
+
+@app.command()
+def synth(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to create (must be empty unless --overwrite)."),
+    rows: int = typer.Option(1000, "--rows", "-n", help="Number of products (rows) to generate."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same rows and byte-identical images."),
+    workers: int = typer.Option(0, "--workers", help="Render processes (0 = one per CPU core)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset in --out."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Make a synthetic catalog: Burberry-style columns and one rendered photo per product.
+
+    The photo determines the answers: silhouette -> category3_code (9 categories), colour and material/pattern -> title words, category x material x size -> full_price (about 4% noise).
+
+    Split 80/10/10 by product_code hash. Deterministic: the same seed gives byte-identical files.
+    """
+    from productvlm.data.synth import synthesize
+
+    info = synthesize(out, rows=rows, seed=seed, workers=workers or None, overwrite=overwrite, progress=not quiet)
+    counts = ", ".join(f"{k} {v}" for k, v in info["counts"].items())
+    console.print(f"wrote {rows} rows to {out} ({counts}) in {info['seconds']:.1f}s ({rows / info['seconds']:.0f} rows/s)")
+    console.print(f"files: {out}/{{train,validation,test}}/metadata.jsonl, <split>/images/*.jpg, {out}/dataset.json")
+
+
+@app.command("import")
+def import_cmd(
+    source: str = typer.Argument(..., help="A local .csv/.tsv/.parquet/.jsonl file, or a hub dataset id (streamed)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write; rerun with the same --out to resume."),
+    map_: list[str] = typer.Option(
+        [], "--map", "-m", help="Column mapping CATALOG=SOURCE, repeatable, e.g. --map title=product_name."
+    ),
+    image_column: str = typer.Option(
+        None, "--image-column", help="Source column with image URLs (http/https) or file paths (default: imageurl)."
+    ),
+    hub_split: str = typer.Option("train", "--hub-split", help="Split to read when SOURCE is a hub dataset."),
+    limit: int = typer.Option(None, "--limit", help="Import only the first N rows of the source."),
+    concurrency: int = typer.Option(32, "--concurrency", "-j", help="Downloads in flight overall."),
+    per_host: int = typer.Option(8, "--per-host", help="Downloads in flight per host."),
+    timeout: float = typer.Option(30.0, "--timeout", help="Seconds allowed per request attempt."),
+    retries: int = typer.Option(3, "--retries", help="Retries on 5xx, 429, timeouts, connection errors (none on 4xx)."),
+    backoff: float = typer.Option(0.5, "--backoff", help="First retry wait in seconds; doubles per retry, with jitter."),
+    max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Refuse images with more pixels (checked before decoding)."),
+    min_side: int = typer.Option(16, "--min-side", help="Refuse images with a side shorter than this (px)."),
+    split: str = typer.Option("80,10,10", "--split", help="train,validation,test proportions."),
+    split_seed: int = typer.Option(0, "--split-seed", help="Seed of the product_code hash that assigns splits."),
+    split_stratify: bool = typer.Option(
+        False, "--split-stratify", help="Same split proportions within every category3_code."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Import a catalog table with image URLs or paths into a dataset folder.
+
+    Required columns (after --map): product_code, title, category3_code, full_price and the image column.
+
+    Images are fetched concurrently with retries, validated and stored as RGB JPEG; a rerun skips what is already there. Rows left out are listed in OUT/failures.csv with a reason (row = 1-based data row, header not counted).
+    """
+    from productvlm.data.fetch import FetchOptions
+    from productvlm.data.images import ImageLimits
+    from productvlm.data.importer import import_dataset
+    from productvlm.data.rows import parse_mapping
+
+    for name, value in (("--retries", retries), ("--timeout", timeout), ("--backoff", backoff)):
+        if value < 0:
+            raise UserError(f"{name} must not be negative, got {value}")
+    result = import_dataset(
+        source,
+        out,
+        mapping=parse_mapping(map_, image_column),
+        fetch=FetchOptions(concurrency=concurrency, per_host=per_host, timeout=timeout, retries=retries, backoff=backoff),
+        limits=ImageLimits(max_pixels=max_pixels, min_side=min_side),
+        split_seed=split_seed,
+        fractions=_parse_fractions(split),
+        stratify=split_stratify,
+        hub_split=hub_split,
+        limit=limit,
+        progress=not quiet,
+    )
+    _print_import_summary(result)
+
+
+def _print_import_summary(result) -> None:  # noqa: ANN001 (ImportResult, imported lazily)
+    t = Table(title=f"Imported into {result.out_dir}")
+    t.add_column("")
+    t.add_column("count", justify="right")
+    t.add_row("source rows", str(result.source_rows))
+    for split, n in result.counts.items():
+        t.add_row(f"rows in {split}", str(n))
+    t.add_row("rows left out", str(len(result.failures)))
+    t.add_row("images fetched now", str(result.images_fetched))
+    t.add_row("images already present", str(result.images_reused))
+    t.add_row("images failed", str(result.images_failed))
+    t.add_row("MB fetched", f"{result.bytes_fetched / 1e6:.1f}")
+    t.add_row("seconds", f"{result.seconds:.1f}")
+    console.print(t)
+    if result.failures:
+        r = Table(title=f"Rows left out, by reason (details in {result.out_dir}/failures.csv)")
+        r.add_column("reason")
+        r.add_column("rows", justify="right")
+        for reason, n in result.reasons().most_common():
+            r.add_row(reason, str(n))
+        console.print(r)
+
+
+@app.command()
+def stats(
+    dataset_dir: Path = typer.Argument(..., help="A dataset folder written by `data synth` or `data import`."),
+    html: Path = typer.Option(None, "--html", help="Where to write the HTML page (default: DATASET_DIR/stats.html)."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the numbers as JSON here."),
+) -> None:
+    """Rows per split and category, prices, image sizes, image tokens at num_crops 1/4/16 and the token budget."""
+    from productvlm.data.stats import compute_stats, print_stats, write_html
+
+    result = compute_stats(dataset_dir)
+    print_stats(result, console)
+    page = write_html(result, html or dataset_dir / "stats.html")
+    console.print(f"wrote {page}")
+    if json_out:
+        json_out.write_text(json.dumps(result.summary, indent=2))
+        console.print(f"wrote {json_out}")

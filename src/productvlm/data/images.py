@@ -1,0 +1,79 @@
+"""Validating downloaded image bytes and turning them into the RGB JPEG the dataset stores."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MIN_SIDE = 16
+_ORIENTATION_TAG = 0x0112
+
+
+class BadImage(Exception):
+    """The bytes are not a usable image; `str(e)` is the short reason written to failures.csv."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_side: int = DEFAULT_MIN_SIDE
+
+
+def to_dataset_jpeg(data: bytes, limits: ImageLimits = ImageLimits()) -> bytes:
+    """Check that `data` is a whole, sanely sized image and return it as an RGB JPEG.
+
+    The size is read from the header and checked against `max_pixels` before any pixel is decoded
+    (decompression-bomb guard). Then the image is decoded fully, so a truncated file is caught. An RGB
+    JPEG without an EXIF rotation is kept byte for byte; anything else is converted and re-encoded.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage("too many pixels") from e
+    except UnidentifiedImageError as e:
+        raise BadImage("not an image") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"corrupt image ({e})") from e
+    w, h = im.size
+    if w * h > limits.max_pixels:
+        raise BadImage(f"too many pixels ({w}x{h})")
+    if min(w, h) < limits.min_side:
+        raise BadImage(f"image too small ({w}x{h})")
+    try:
+        im.load()
+    except OSError as e:
+        raise BadImage("truncated image" if "truncated" in str(e) else f"corrupt image ({e})") from e
+    except (SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImage(f"corrupt image ({e})") from e
+    rotated = im.getexif().get(_ORIENTATION_TAG, 1) not in (0, 1)
+    if im.format == "JPEG" and im.mode == "RGB" and not rotated:
+        return data
+    return _encode_rgb(ImageOps.exif_transpose(im) if rotated else im)
+
+
+def _encode_rgb(im: Image.Image) -> bytes:
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        rgb = Image.new("RGB", rgba.size, (255, 255, 255))
+        rgb.paste(rgba, mask=rgba.getchannel("A"))
+    else:
+        rgb = im.convert("RGB")
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def is_complete_jpeg(path: Path) -> bool:
+    """Cheap check of a file we wrote earlier (atomically): an RGB JPEG header with a sane size."""
+    try:
+        with Image.open(path) as im:
+            return im.format == "JPEG" and im.mode == "RGB" and min(im.size) > 0
+    except (OSError, SyntaxError, ValueError):
+        return False

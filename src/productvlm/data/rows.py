@@ -1,0 +1,151 @@
+"""Mapping source columns to catalog columns and checking each row before anything is downloaded."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from productvlm.data.folder import CATALOG_COLUMNS
+from productvlm.errors import UserError
+
+REQUIRED_COLUMNS: tuple[str, ...] = ("product_code", "title", "category3_code", "full_price", "imageurl")
+PRICE_COLUMNS: tuple[str, ...] = ("full_price", "price", "full_price_eur", "price_eur")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
+
+
+class RowRejected(Exception):
+    """This row is left out; `str(e)` is the reason for failures.csv."""
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    kind: str  # "url" or "path"
+    location: str  # the URL, or an absolute file path
+
+
+@dataclass
+class CatalogRow:
+    number: int  # 1-based data row in the source (the header is not counted)
+    values: dict[str, Any]  # every catalog column (None where the source has none)
+    image: ImageSource
+
+
+def parse_mapping(pairs: Iterable[str], image_column: str | None = None) -> dict[str, str]:
+    """catalog column -> source column, from `--map catalog=source` pairs (identity by default)."""
+    mapping = {c: c for c in CATALOG_COLUMNS}
+    for pair in pairs:
+        target, sep, src = pair.partition("=")
+        target, src = target.strip(), src.strip()
+        if not sep or not target or not src:
+            raise UserError(f"--map {pair!r}: expected CATALOG_COLUMN=SOURCE_COLUMN, e.g. --map title=product_name")
+        if target not in mapping:
+            raise UserError(f"--map {pair!r}: {target!r} is not a catalog column; use one of: {', '.join(CATALOG_COLUMNS)}")
+        mapping[target] = src
+    if image_column:
+        mapping["imageurl"] = image_column
+    return mapping
+
+
+def check_columns(columns: list[str], mapping: dict[str, str], source: str) -> None:
+    """Every required catalog column must exist in the source (under its mapped name)."""
+    present = set(columns)
+    for target in REQUIRED_COLUMNS:
+        src = mapping[target]
+        if src not in present:
+            how = f"--map {target}=<column>" if target != "imageurl" else "--image-column <column>"
+            shown = ", ".join(columns[:30]) + (" ..." if len(columns) > 30 else "")
+            raise UserError(
+                f"{source}: required column '{src}' is missing (needed for {target}); "
+                f"the columns are: {shown}. Rename it or pass {how}"
+            )
+
+
+def _blank(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and not v.strip()) or (isinstance(v, float) and math.isnan(v))
+
+
+def parse_price(value: Any, column: str) -> float | None:
+    if _blank(value):
+        return None
+    try:
+        x = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise RowRejected(f"{column} not a number: {str(value)[:40]!r}") from None
+    if not math.isfinite(x):
+        raise RowRejected(f"{column} not a number: {value!r}")
+    if x < 0:
+        raise RowRejected(f"negative {column}: {x:g}")
+    return x
+
+
+def parse_product_code(value: Any) -> int:
+    if _blank(value):
+        raise RowRejected("missing product_code")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)  # exact, where a float would round a long code
+    try:
+        x = float(text)
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x) or x != int(x):
+        raise RowRejected(f"bad product_code: {text[:40]!r}")
+    return int(x)
+
+
+def parse_image_source(value: Any, base_dir: Path) -> ImageSource:
+    """An http(s) URL, or a local file path (relative to the source file's folder)."""
+    if _blank(value):
+        raise RowRejected("missing image url")
+    if not isinstance(value, str):
+        raise RowRejected(f"image column holds {type(value).__name__}, expected a URL or a file path")
+    s = value.strip()
+    m = _SCHEME.match(s)
+    if m and len(m.group(1)) > 1:  # one letter is a Windows drive, not a scheme
+        scheme = m.group(1).lower()
+        if scheme not in ("http", "https"):
+            raise RowRejected(f"bad url scheme: {scheme}")
+        try:
+            parts = urlsplit(s)
+            ok = bool(parts.hostname) and parts.netloc and not any(c.isspace() for c in s)
+            _ = parts.port  # raises on a bad port
+        except ValueError:
+            ok = False
+        if not ok:
+            raise RowRejected("malformed url")
+        return ImageSource("url", s)
+    path = Path(s).expanduser()
+    return ImageSource("path", str(path if path.is_absolute() else (base_dir / path).resolve()))
+
+
+def _text(v: Any) -> str | None:
+    return None if _blank(v) else str(v).strip()
+
+
+def parse_row(raw: dict[str, Any], number: int, mapping: dict[str, str], base_dir: Path) -> CatalogRow:
+    """Typed catalog values of one source row; raises RowRejected with the reason."""
+    get = {c: raw.get(src) for c, src in mapping.items()}
+    values: dict[str, Any] = {c: _text(v) for c, v in get.items()}
+    values["product_code"] = parse_product_code(get["product_code"])
+    for col in PRICE_COLUMNS:
+        values[col] = parse_price(get[col], col)
+    if values["full_price"] is None:
+        raise RowRejected("missing price")
+    for col in ("title", "category3_code"):
+        if values[col] is None:
+            raise RowRejected(f"missing {col}")
+    flg = get["flg_discount"]
+    try:
+        values["flg_discount"] = None if _blank(flg) else int(float(flg))
+    except (TypeError, ValueError):
+        values["flg_discount"] = None
+    image = parse_image_source(get["imageurl"], base_dir)
+    values["imageurl"] = _text(get["imageurl"])
+    return CatalogRow(number, {c: values[c] for c in CATALOG_COLUMNS}, image)

@@ -1,0 +1,136 @@
+"""Reading a catalog table: a local CSV / TSV / Parquet / JSONL / JSON file, or a Hugging Face hub dataset."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from productvlm.errors import UserError
+
+LOCAL_SUFFIXES = (".csv", ".tsv", ".parquet", ".jsonl", ".ndjson", ".json")
+
+
+@dataclass
+class Table:
+    """Rows of a catalog table as plain dicts, in source order."""
+
+    source: str  # as given by the user
+    location: str  # resolved path, or "hub:<id>/<split>"
+    columns: list[str]
+    rows: list[dict[str, Any]]
+    base_dir: Path  # relative image paths are resolved against this folder
+
+
+def load_table(source: str, hub_split: str = "train", limit: int | None = None) -> Table:
+    """Load SOURCE: an existing local file by its suffix, else a hub dataset id (streamed)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return _load_local(source, path, limit)
+    if path.suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
+        raise UserError(f"source file {source} not found: give a CSV, Parquet or JSONL path, or a hub dataset id")
+    return _load_hub(source, hub_split, limit)
+
+
+def _load_local(source: str, path: Path, limit: int | None) -> Table:
+    if path.is_dir():
+        raise UserError(f"source {source} is a folder: give the table file (CSV, Parquet or JSONL) inside it")
+    if path.stat().st_size == 0:
+        raise UserError(f"source file {source} is empty: it needs a header and at least one row")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        columns, rows = _read_csv(path, "\t" if suffix == ".tsv" else ",", limit)
+    elif suffix == ".parquet":
+        columns, rows = _read_parquet(path, limit)
+    elif suffix in (".jsonl", ".ndjson"):
+        columns, rows = _read_jsonl(path, limit)
+    elif suffix == ".json":
+        columns, rows = _read_json(path, limit)
+    else:
+        raise UserError(f"source file {source}: unknown format {suffix or '(no suffix)'}; use .csv, .tsv, .parquet or .jsonl")
+    if not rows:
+        raise UserError(f"source file {source} has no data rows")
+    return Table(source, str(path.resolve()), columns, rows, path.resolve().parent)
+
+
+def _read_csv(path: Path, delimiter: str, limit: int | None) -> tuple[list[str], list[dict[str, Any]]]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        try:
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = [{(k or "").strip(): v for k, v in row.items()} for row in islice(reader, limit)]
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise UserError(f"source file {path}: cannot read as CSV near line {reader.line_num} ({e})") from e
+    if not columns:
+        raise UserError(f"source file {path} has no header row")
+    return columns, rows
+
+
+def _read_parquet(path: Path, limit: int | None) -> tuple[list[str], list[dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a bad file
+        raise UserError(f"source file {path}: cannot read as Parquet ({e})") from e
+    if limit is not None:
+        table = table.slice(0, limit)
+    return list(table.column_names), table.to_pylist()
+
+
+def _read_jsonl(path: Path, limit: int | None) -> tuple[list[str], list[dict[str, Any]]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(rows) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"source file {path} line {lineno}: not valid JSON ({e.msg})") from e
+            if not isinstance(obj, dict):
+                raise UserError(f"source file {path} line {lineno}: expected a JSON object per line")
+            rows.append(obj)
+    return _columns_of(rows), rows
+
+
+def _read_json(path: Path, limit: int | None) -> tuple[list[str], list[dict[str, Any]]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"source file {path} line {e.lineno}: not valid JSON ({e.msg})") from e
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise UserError(f"source file {path}: expected a JSON list of objects (or use JSON Lines, .jsonl)")
+    rows = data[:limit] if limit is not None else data
+    return _columns_of(rows), rows
+
+
+def _columns_of(rows: Iterable[dict[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for r in rows:
+        seen.update(dict.fromkeys(r))
+    return list(seen)
+
+
+def _load_hub(dataset_id: str, split: str, limit: int | None) -> Table:
+    """Stream a hub dataset (only the rows, no images yet), so large ones need no full download."""
+    import datasets
+
+    try:
+        stream = datasets.load_dataset(dataset_id, split=split, streaming=True)
+        rows = [dict(r) for r in islice(stream, limit)]
+    except Exception as e:  # the hub client raises many types: offline, not found, gated, bad split
+        raise UserError(
+            f"cannot load hub dataset {dataset_id!r} (split {split!r}): {type(e).__name__}: {e}. "
+            "Check the id and network, or pass a local CSV/Parquet/JSONL file"
+        ) from e
+    if not rows:
+        raise UserError(f"hub dataset {dataset_id!r} split {split!r} has no rows")
+    columns = list(getattr(stream, "column_names", None) or _columns_of(rows))
+    return Table(dataset_id, f"hub:{dataset_id}/{split}", columns, rows, Path.cwd())

@@ -1,0 +1,466 @@
+"""`data synth`: a synthetic catalog whose photos determine the answers the model is asked for.
+
+Each row is one product: a silhouette (-> category3_code), a colour and a material/pattern
+(-> title words), a size for bags (-> title word and drawn scale), and a price from
+category x material x size with a few percent of noise. Nuisance variation that does not change
+the answer: photo size and aspect ratio, position, rotation, scale jitter, background, lighting,
+JPEG quality. Every row is rendered from its own RNG seeded by (seed, row index), so the output is
+byte-identical for a seed no matter how many worker processes render it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import multiprocessing as mp
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from productvlm.data import folder
+from productvlm.errors import UserError
+
+RGB = tuple[int, int, int]
+Draw = Callable[[ImageDraw.ImageDraw, ImageDraw.ImageDraw, int, int, RGB], None]
+
+EUR_PER_USD = 0.9214
+DATES = ("2023-11-13", "2023-11-14", "2023-11-15", "2023-11-16", "2023-11-17")
+COLOURS: dict[str, RGB] = {
+    "Black": (28, 28, 30),
+    "Beige": (206, 178, 132),
+    "Camel": (160, 110, 62),
+    "Navy": (32, 42, 84),
+    "Red": (165, 32, 38),
+    "Grey": (128, 128, 132),
+    "Green": (42, 96, 58),
+    "Pink": (226, 150, 168),
+    "White": (238, 236, 230),
+}
+MATERIAL_PRICE = {
+    "Cotton": 1.0,
+    "Cashmere": 1.0,
+    "Knit": 0.9,
+    "Check": 1.1,
+    "Monogram": 1.15,
+    "Quilted": 1.2,
+    "Leather": 1.3,
+}
+# (title word, price factor, drawn-scale factor); only categories with `sized=True` use them.
+SIZES = (("Small", 0.75, 0.8), ("Medium", 1.0, 1.0), ("Large", 1.3, 1.18))
+METAL: RGB = (196, 166, 92)
+
+
+# ---------------------------------------------------------------- drawing helpers
+
+
+def _shade(c: RGB, f: float) -> RGB:
+    return (min(255, int(c[0] * f)), min(255, int(c[1] * f)), min(255, int(c[2] * f)))
+
+
+def _ink(c: RGB) -> RGB:
+    """Colour for seams and details: darker on light products, lighter on dark ones."""
+    return _shade(c, 0.55) if sum(c) > 200 else _shade((c[0] + 60, c[1] + 60, c[2] + 60), 1.2)
+
+
+def _pts(pts: list[tuple[float, float]], w: int, h: int) -> list[tuple[float, float]]:
+    return [(x * (w - 1), y * (h - 1)) for x, y in pts]
+
+
+def _both(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, method: str, *args: Any, fill: RGB, **kw: Any) -> None:
+    """Draw the same primitive on the mask (opaque) and on the colour canvas."""
+    getattr(m, method)(*args, fill=255, **kw)
+    getattr(c, method)(*args, fill=fill, **kw)
+
+
+# ---------------------------------------------------------------- silhouettes
+# Each draws the product's shape on the mask `m` and its details on the colour canvas `c`.
+
+
+def _tote(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: RGB) -> None:
+    m.polygon(_pts([(0.12, 0.38), (0.88, 0.38), (0.98, 1.0), (0.02, 1.0)], w, h), fill=255)
+    lw = max(3, int(w * 0.045))
+    for x0, x1 in ((0.2, 0.45), (0.55, 0.8)):
+        _both(m, c, "arc", [x0 * w, 0.04 * h, x1 * w, 0.72 * h], 180, 360, fill=_shade(col, 0.8), width=lw)
+    c.line(_pts([(0.11, 0.44), (0.89, 0.44)], w, h), fill=_ink(col), width=max(1, lw // 3))
+
+
+def _shoulder(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: RGB) -> None:
+    m.rounded_rectangle([0.06 * w, 0.46 * h, 0.94 * w, h - 1], radius=0.07 * w, fill=255)
+    _both(m, c, "arc", [0.14 * w, 0.0, 0.86 * w, 0.96 * h], 180, 360, fill=_shade(col, 0.8), width=max(2, int(w * 0.018)))
+    c.line(_pts([(0.06, 0.47), (0.5, 0.78), (0.94, 0.47)], w, h), fill=_ink(col), width=max(2, w // 90))
+    r = 0.035 * w
+    c.ellipse([0.5 * w - r, 0.76 * h - r, 0.5 * w + r, 0.76 * h + r], fill=METAL)
+
+
+def _scarf(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: RGB) -> None:
+    m.polygon(_pts([(0.12, 0.0), (0.88, 0.0), (0.96, 0.88), (0.04, 0.88)], w, h), fill=255)
+    lw = max(1, w // 40)
+    for i in range(12):
+        x = (0.07 + 0.86 * i / 11) * w
+        _both(m, c, "line", [(x, 0.87 * h), (x + 0.01 * w, h - 1)], fill=_shade(col, 0.9), width=lw)
+    c.line(_pts([(0.12, 0.12), (0.88, 0.2)], w, h), fill=_ink(col), width=lw)
+
+
+def _trench(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: RGB) -> None:
+    m.polygon(_pts([(0.3, 0.04), (0.7, 0.04), (0.82, 1.0), (0.18, 1.0)], w, h), fill=255)
+    m.polygon(_pts([(0.3, 0.04), (0.17, 0.1), (0.02, 0.74), (0.13, 0.76), (0.27, 0.32)], w, h), fill=255)
+    m.polygon(_pts([(0.7, 0.04), (0.83, 0.1), (0.98, 0.74), (0.87, 0.76), (0.73, 0.32)], w, h), fill=255)
+    ink, lw = _ink(col), max(2, w // 80)
+    c.line(_pts([(0.34, 0.04), (0.5, 0.36), (0.66, 0.04)], w, h), fill=ink, width=lw)
+    c.rectangle([0.22 * w, 0.44 * h, 0.78 * w, 0.48 * h], fill=_shade(col, 0.75))
+    r = max(2, 0.018 * w)
+    for x in (0.43, 0.57):
+        for y in (0.22, 0.3, 0.38):
+            c.ellipse([x * w - r, y * h - r, x * w + r, y * h + r], fill=ink)
+
+
+def _shirt(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: RGB) -> None:
+    m.rectangle([0.25 * w, 0.1 * h, 0.75 * w, h - 1], fill=255)
+    m.polygon(_pts([(0.26, 0.1), (0.04, 0.34), (0.14, 0.46), (0.26, 0.34)], w, h), fill=255)
+    m.polygon(_pts([(0.74, 0.1), (0.96, 0.34), (0.86, 0.46), (0.74, 0.34)], w, h), fill=255)
+    ink, lw = _ink(col), max(2, w // 90)
+    _both(m, c, "polygon", _pts([(0.36, 0.04), (0.5, 0.16), (0.64, 0.04), (0.6, 0.1), (0.4, 0.1)], w, h), fill=_shade(col, 0.85))
+    c.line(_pts([(0.5, 0.16), (0.5, 1.0)], w, h), fill=ink, width=lw)
+    r = max(2, 0.012 * w)
+    for y in (0.3, 0.48, 0.66, 0.84):
+        c.ellipse([0.53 * w - r, y * h - r, 0.53 * w + r, y * h + r], fill=ink)
+
+
+def _sneaker(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: RGB) -> None:
+    upper = [(0.04, 0.84), (0.04, 0.42), (0.28, 0.26), (0.44, 0.32), (0.55, 0.54), (0.9, 0.62), (0.99, 0.78), (0.99, 0.84)]
+    m.polygon(_pts(upper, w, h), fill=255)
+    _both(m, c, "rectangle", [0.0, 0.8 * h, w - 1, h - 1], fill=(236, 234, 226))
+    ink, lw = _ink(col), max(2, w // 120)
+    for i in range(4):
+        t = i / 3
+        x, y = 0.3 + 0.2 * t, 0.34 + 0.2 * t
+        c.line(_pts([(x - 0.04, y + 0.02), (x + 0.05, y - 0.04)], w, h), fill=ink, width=lw)
+
+
+def _cap(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: RGB) -> None:
+    m.chord([0.04 * w, 0.08 * h, 0.76 * w, 1.3 * h], 180, 360, fill=255)
+    _both(m, c, "ellipse", [0.5 * w, 0.58 * h, 0.99 * w, 0.86 * h], fill=_shade(col, 0.85))
+    ink, lw = _ink(col), max(1, w // 120)
+    for x in (0.16, 0.4, 0.64):
+        c.line(_pts([(0.4, 0.09), (x, 0.69)], w, h), fill=ink, width=lw)
+    r = 0.025 * w
+    _both(m, c, "ellipse", [0.4 * w - r, 0.08 * h - r, 0.4 * w + r, 0.08 * h + r], fill=ink)
+
+
+def _belt(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: RGB) -> None:
+    m.polygon(_pts([(0.12, 0.3), (0.93, 0.3), (1.0, 0.5), (0.93, 0.7), (0.12, 0.7)], w, h), fill=255)
+    _both(m, c, "rectangle", [0.0, 0.08 * h, 0.17 * w, 0.92 * h], fill=METAL)
+    c.rectangle([0.035 * w, 0.24 * h, 0.135 * w, 0.76 * h], fill=_shade(col, 0.9))
+    r = max(2, 0.05 * h)
+    for x in (0.7, 0.76, 0.82, 0.88):
+        c.ellipse([x * w - r, 0.5 * h - r, x * w + r, 0.5 * h + r], fill=_ink(col))
+
+
+def _wallet(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: RGB) -> None:
+    m.rounded_rectangle([0, 0, w - 1, h - 1], radius=0.06 * w, fill=255)
+    ink, lw = _ink(col), max(1, w // 100)
+    c.rounded_rectangle([0.05 * w, 0.06 * h, 0.95 * w, 0.94 * h], radius=0.05 * w, outline=ink, width=lw)
+    c.line(_pts([(0.5, 0.0), (0.5, 1.0)], w, h), fill=ink, width=lw * 2)
+    c.rectangle([0.64 * w, 0.42 * h, 0.84 * w, 0.56 * h], fill=METAL)
+
+
+@dataclass(frozen=True)
+class Category:
+    code3: str
+    code2: str
+    noun: str
+    base_price: float
+    aspect: float  # width / height of the product's bounding box
+    scale: float  # typical fraction of the photo's short side the product spans
+    materials: tuple[str, ...]
+    draw: Draw
+    sized: bool = False
+    genders: tuple[str, ...] = ("WOMAN", "MAN")
+
+
+CATEGORIES: tuple[Category, ...] = (
+    Category("TOTE", "BAGS", "Tote Bag", 1890, 1.0, 0.68, ("Check", "Leather", "Quilted", "Monogram"), _tote, True),
+    Category("SHOULDER", "BAGS", "Shoulder Bag", 2290, 1.0, 0.7, ("Leather", "Quilted", "Check", "Monogram"), _shoulder, True),
+    Category("SCARVES", "CASHMERE SCARVES", "Scarf", 490, 0.42, 0.86, ("Check", "Knit", "Cashmere", "Monogram"), _scarf),
+    Category("TRENCH COATS", "OUTERWEAR", "Trench Coat", 2390, 0.72, 0.88, ("Cotton", "Check", "Quilted", "Leather"), _trench, genders=("WOMAN", "MAN", "KIDS")),
+    Category("SHIRTS", "SHIRTS", "Shirt", 750, 1.0, 0.76, ("Cotton", "Check", "Monogram", "Knit"), _shirt, genders=("WOMAN", "MAN", "KIDS")),
+    Category("SNEAKERS", "SHOES", "Sneakers", 690, 2.2, 0.82, ("Leather", "Check", "Knit"), _sneaker, genders=("WOMAN", "MAN", "KIDS")),
+    Category("CAPS", "HATS & GLOVES", "Baseball Cap", 390, 1.5, 0.66, ("Check", "Cotton", "Monogram"), _cap),
+    Category("BELTS", "BELTS", "Belt", 520, 4.0, 0.86, ("Leather", "Check", "Monogram"), _belt),
+    Category("WALLETS", "SMALL LEATHER GOODS", "Wallet", 550, 1.3, 0.5, ("Leather", "Check", "Quilted", "Monogram"), _wallet),
+)
+CATEGORY_CODES: list[str] = [c.code3 for c in CATEGORIES]
+
+
+# ---------------------------------------------------------------- materials (numpy textures)
+
+
+def _texture(material: str, col: RGB, w: int, h: int, rng: random.Random) -> np.ndarray:
+    """An HxWx3 float image of the material in colour `col`; the pattern period scales with the product."""
+    x = np.arange(w, dtype=np.float32)[None, :] + rng.uniform(0, 50)
+    y = np.arange(h, dtype=np.float32)[:, None] + rng.uniform(0, 50)
+    base = np.array(col, dtype=np.float32)
+    img = np.broadcast_to(base, (h, w, 3)).copy()
+    p = max(8.0, max(w, h) / rng.uniform(6.0, 8.0))
+    if material == "Check":
+        dark = ((x % p) < 0.2 * p) | ((y % p) < 0.2 * p)
+        img[dark] = img[dark] * 0.45
+        thin = max(1.0, 0.05 * p)
+        white = (np.abs(x % p - 0.55 * p) < thin) | (np.abs(y % p - 0.55 * p) < thin)
+        img[white] = img[white] * 0.3 + 0.7 * 245
+        red = (np.abs(x % p - 0.8 * p) < thin) | (np.abs(y % p - 0.8 * p) < thin)
+        img[red] = img[red] * 0.3 + 0.7 * np.array((175, 30, 35), np.float32)
+    elif material == "Quilted":
+        q = p * 0.8
+        puff = 1.0 + 0.08 * np.cos(2 * math.pi * (x + y) / q)
+        img *= puff[..., None]
+        lw = max(1.5, 0.07 * q)
+        seam = ((x + y) % q < lw) | ((x - y) % q < lw)
+        img[seam] = img[seam] * 0.55
+    elif material == "Leather":
+        g = 1.25 - 0.5 * ((x - x.min()) / w * 0.6 + (y - y.min()) / h * 0.4)
+        img *= g[..., None]
+    elif material == "Knit":
+        rib = max(3.0, w / 24)
+        img *= (1.0 + 0.16 * np.sign(np.sin(2 * math.pi * x / rib)))[..., None]
+        img *= (1.0 - 0.05 * (np.sin(2 * math.pi * y / (rib * 0.7)) > 0.6))[..., None]
+    elif material == "Monogram":
+        q = p * 0.6
+        row = np.floor(y / q)
+        dx = (x + 0.5 * q * (row % 2)) % q - 0.5 * q
+        dy = y % q - 0.5 * q
+        r = np.sqrt(dx * dx + dy * dy)
+        ring = np.abs(r - 0.22 * q) < max(1.0, 0.07 * q)
+        mark = np.array((235, 225, 200) if sum(col) < 450 else (90, 70, 45), np.float32)
+        img[ring] = img[ring] * 0.35 + 0.65 * mark
+    else:  # Cotton, Cashmere: matte, barely shaded
+        img *= (1.0 - 0.08 * (y - y.min()) / h)[..., None]
+    return img
+
+
+# ---------------------------------------------------------------- products
+
+
+@dataclass(frozen=True)
+class ProductSpec:
+    """What one synthetic product is; everything the model must predict follows from it."""
+
+    category: Category
+    colour: str
+    material: str
+    size: str  # "" for categories without sizes
+    full_price: float
+
+    @property
+    def title(self) -> str:
+        words = [self.size, self.colour, self.material, self.category.noun]
+        return " ".join(w for w in words if w)
+
+
+def _round_price(x: float) -> float:
+    """Catalog-style prices: 590.0, 1890.0, ... (nearest hundred, minus ten)."""
+    return float(max(1, round(x / 100)) * 100 - 10)
+
+
+def sample_spec(rng: random.Random) -> ProductSpec:
+    cat = rng.choice(CATEGORIES)
+    colour = rng.choice(list(COLOURS))
+    material = rng.choice(cat.materials)
+    size, size_factor = "", 1.0
+    if cat.sized:
+        size, size_factor, _ = rng.choice(SIZES)
+    noise = math.exp(rng.gauss(0.0, 0.04))
+    price = _round_price(cat.base_price * MATERIAL_PRICE[material] * size_factor * noise)
+    return ProductSpec(cat, colour, material, size, price)
+
+
+def row_rng(seed: int, index: int) -> random.Random:
+    return random.Random(f"productvlm-synth:{seed}:{index}")
+
+
+def catalog_row(spec: ProductSpec, product_code: int, rng: random.Random, seed: int) -> dict[str, Any]:
+    """The catalog columns of one product (same names and kinds of values as the Burberry table)."""
+    discount = rng.random() < 0.15
+    price = float(round(spec.full_price * rng.choice((0.5, 0.6, 0.7)) / 10) * 10) if discount else spec.full_price
+    slug = spec.title.lower().replace(" ", "-")
+    tag = folder.image_key(f"{seed}:{product_code}")
+    return {
+        "website_name": "BURBERRY",
+        "competence_date": rng.choice(DATES),
+        "country_code": "USA",
+        "currency_code": "USD",
+        "brand": "BURBERRY",
+        "category1_code": rng.choice(spec.category.genders),
+        "category2_code": spec.category.code2,
+        "category3_code": spec.category.code3,
+        "product_code": product_code,
+        "title": spec.title,
+        "itemurl": f"https://us.burberry.com/{slug}-p{product_code}",
+        "imageurl": f"https://assets.burberry.com/is/image/Burberryltd/{tag}?$BBY_V3_SL_1$&wid=1000&hei=1000",
+        "full_price": spec.full_price,
+        "price": price,
+        "full_price_eur": round(spec.full_price * EUR_PER_USD, 2),
+        "price_eur": round(price * EUR_PER_USD, 2),
+        "flg_discount": int(discount),
+    }
+
+
+def _background(w: int, h: int, product: RGB, rng: random.Random) -> Image.Image:
+    """A plain studio backdrop with a soft vertical gradient, contrasting with the product."""
+    light_product = sum(product) / 3 > 140
+    lum = rng.uniform(95, 150) if light_product else rng.uniform(205, 248)
+    tint = [rng.uniform(-10, 10) for _ in range(3)]
+    top = tuple(int(min(255, max(0, lum + t))) for t in tint)
+    bottom = tuple(int(min(255, max(0, lum * rng.uniform(0.82, 0.97) + t))) for t in tint)
+    grad = Image.linear_gradient("L").resize((w, h))
+    return Image.composite(Image.new("RGB", (w, h), bottom), Image.new("RGB", (w, h), top), grad)
+
+
+def _photo_size(rng: random.Random, aspect: float) -> tuple[int, int]:
+    """Photo width and height: short side 300-520 px (mostly ~380), ratios 1:1 to 3:2, max side 800."""
+    short = int(rng.triangular(300, 520, 360))
+    ratio = rng.choice((1.0, 1.0, 1.25, 1.333, 1.5))
+    long_ = min(800, int(short * ratio))
+    wide = rng.random() < (0.75 if aspect > 1.2 else 0.25 if aspect < 0.8 else 0.5)
+    return (long_, short) if wide else (short, long_)
+
+
+def render(spec: ProductSpec, rng: random.Random) -> Image.Image:
+    """The product photo (RGB) for `spec`; all nuisance variation is drawn from `rng`."""
+    col = COLOURS[spec.colour]
+    cat = spec.category
+    W, H = _photo_size(rng, cat.aspect)
+    img = _background(W, H, col, rng)
+    size_scale = next((s for name, _, s in SIZES if name == spec.size), 1.0)
+    span = cat.scale * size_scale * rng.uniform(0.9, 1.1) * min(W, H)
+    if cat.aspect >= 1:
+        ow, oh = int(min(span * 1.15, W * 0.96)), int(min(span * 1.15, W * 0.96) / cat.aspect)
+    else:
+        oh, ow = int(min(span, H * 0.96)), int(min(span, H * 0.96) * cat.aspect)
+    ow, oh = max(ow, 24), max(oh, 16)
+    tex = _texture(spec.material, col, ow, oh, rng)
+    canvas = Image.fromarray(np.clip(tex, 0, 255).astype(np.uint8), "RGB")
+    mask = Image.new("L", (ow, oh), 0)
+    cat.draw(ImageDraw.Draw(mask), ImageDraw.Draw(canvas), ow, oh, col)
+    angle = rng.uniform(-12, 12)
+    canvas = canvas.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
+    mask = mask.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
+    cw, ch = canvas.size
+    x = int(rng.uniform(0, max(0, W - cw))) if cw < W else (W - cw) // 2
+    y = int(rng.uniform(0, max(0, H - ch))) if ch < H else (H - ch) // 2
+    shadow = mask.reduce(4).filter(ImageFilter.BoxBlur(2)).resize(mask.size).point(lambda v: int(v * 0.35))
+    img.paste((20, 20, 20), (x + max(2, cw // 40), y + max(2, ch // 30)), shadow)
+    img.paste(canvas, (x, y), mask)
+    return _light(img, rng)
+
+
+def _light(img: Image.Image, rng: random.Random) -> Image.Image:
+    """Exposure and a soft directional light gradient."""
+    a = np.asarray(img, dtype=np.float32)
+    h, w = a.shape[:2]
+    theta = rng.uniform(0, 2 * math.pi)
+    ramp = (np.arange(w, dtype=np.float32)[None, :] / w - 0.5) * math.cos(theta)
+    ramp = ramp + (np.arange(h, dtype=np.float32)[:, None] / h - 0.5) * math.sin(theta)
+    gain = rng.uniform(0.85, 1.12) * (1.0 + rng.uniform(0.0, 0.22) * ramp)
+    return Image.fromarray(np.clip(a * gain[..., None], 0, 255).astype(np.uint8), "RGB")
+
+
+def encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def make_product(seed: int, index: int, product_code: int) -> tuple[dict[str, Any], bytes]:
+    """Catalog row and JPEG bytes of product `index` of the catalog with this seed."""
+    rng = row_rng(seed, index)
+    spec = sample_spec(rng)
+    row = catalog_row(spec, product_code, rng, seed)
+    jpeg = encode_jpeg(render(spec, rng), quality=rng.randint(70, 95))
+    return row, jpeg
+
+
+def product_codes(seed: int, rows: int) -> list[int]:
+    """Distinct 8-digit product codes, deterministic for the seed."""
+    return [80_000_000 + c for c in random.Random(f"productvlm-codes:{seed}").sample(range(20_000_000), rows)]
+
+
+# ---------------------------------------------------------------- the whole catalog
+
+
+def _render_task(task: tuple[int, int, int, str]) -> tuple[int, dict[str, Any]]:
+    """Worker: render one product, write its image atomically into `out_dir/<split>/images/`."""
+    seed, index, code, out_dir = task
+    row, jpeg = make_product(seed, index, code)
+    split = folder.split_of(code, seed=0)
+    path = Path(out_dir) / split / folder.image_file_name(row["imageurl"])
+    folder.atomic_write_bytes(path, jpeg)
+    return index, {"file_name": folder.image_file_name(row["imageurl"]), **row}
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+
+def iter_rendered(seed: int, rows: int, out_dir: Path, workers: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    tasks = [(seed, i, code, str(out_dir)) for i, code in enumerate(product_codes(seed, rows))]
+    if workers <= 1 or rows < 64:
+        yield from map(_render_task, tasks)
+        return
+    with _pool(workers) as pool:
+        yield from pool.map(_render_task, tasks, chunksize=16)
+
+
+def synthesize(
+    out_dir: str | Path,
+    rows: int = 1000,
+    seed: int = 0,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write a synthetic dataset folder; returns the dataset.json content (with counts and timing).
+
+    The split uses the folder's default rule (product_code hash, seed 0, 80/10/10).
+    """
+    if rows < 1:
+        raise UserError(f"--rows must be at least 1, got {rows}")
+    out_dir = Path(out_dir)
+    folder.check_output_dir(out_dir, overwrite)
+    for split in folder.SPLITS:
+        folder.images_dir(out_dir, split).mkdir(parents=True, exist_ok=True)
+    workers = workers or os.cpu_count() or 1
+    t0 = time.perf_counter()
+    by_index: dict[int, dict[str, Any]] = {}
+    from productvlm.data.progress import progress_bar
+
+    with progress_bar("rendering", rows, enabled=progress) as advance:
+        for index, row in iter_rendered(seed, rows, out_dir, workers):
+            by_index[index] = row
+            advance(1)
+    rows_by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in folder.SPLITS}
+    for index in range(rows):
+        row = by_index[index]
+        rows_by_split[folder.split_of(row["product_code"])].append(row)
+    counts = folder.write_splits(out_dir, rows_by_split)
+    seconds = time.perf_counter() - t0
+    info = {
+        "source": f"synth:seed={seed}",
+        "kind": "synth",
+        "column_mapping": {c: c for c in folder.CATALOG_COLUMNS},
+        "split": {"rule": "sha256(seed:product_code)", "seed": 0, "fractions": list(folder.DEFAULT_FRACTIONS), "stratify": None},
+        "counts": counts,
+        "rows": rows,
+        "synth": {"seed": seed, "categories": CATEGORY_CODES},
+    }
+    folder.write_dataset_json(out_dir, info)
+    return {**info, "seconds": seconds}

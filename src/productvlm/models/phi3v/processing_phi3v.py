@@ -1,0 +1,133 @@
+"""Phi3VProcessor: prompts with `<|image_k|>` placeholders + images -> model inputs, for a whole batch.
+
+Like the official processor, the text is split at the placeholders and every chunk is tokenized
+on its own (so a BOS also follows every image); each placeholder becomes as many `<|image|>`
+ids (32044 in the real tokenizer) as the image has tokens. Unlike it, a batch of prompts, each
+with its own images, is padded on the side you choose.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from transformers import BatchFeature, ProcessorMixin
+
+from productvlm.errors import UserError
+
+PLACEHOLDER = re.compile(r"<\|image_(\d+)\|>")
+IMAGE_TOKEN = "<|image|>"
+
+
+class Phi3VProcessor(ProcessorMixin):
+    attributes = ["image_processor", "tokenizer"]
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        self.image_token = IMAGE_TOKEN
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token; Phi-3-V tokenizers have it (id 32044)")
+
+    def __call__(
+        self,
+        text: str | list[str],
+        images=None,
+        num_crops: int | None = None,
+        padding_side: str | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """Encode one prompt (`images` = an image or a list) or a batch (`images` = one list per prompt).
+
+        Returns `input_ids`, `attention_mask`, and when there are images `pixel_values`
+        (all images of the batch in order, (n, num_crops + 1, 3, crop, crop)) and `image_sizes`.
+        """
+        texts, images_per_text = _as_batch(text, images)
+        flat_images = [im for ims in images_per_text for im in ims]
+        image_inputs = {}
+        tokens_per_image: list[int] = []
+        if flat_images:
+            image_inputs = self.image_processor(flat_images, num_crops=num_crops, return_tensors="pt")
+            tokens_per_image = list(image_inputs.pop("num_img_tokens"))
+
+        rows, start = [], 0
+        for i, (prompt, ims) in enumerate(zip(texts, images_per_text)):
+            rows.append(self.encode_prompt(prompt, tokens_per_image[start : start + len(ims)], index=i))
+            start += len(ims)
+        batch = self.pad(rows, padding_side or self.tokenizer.padding_side)
+        batch.update(image_inputs)
+        return BatchFeature(batch, tensor_type=return_tensors)
+
+    def encode_prompt(self, prompt: str, tokens_per_image: list[int], index: int = 0) -> list[int]:
+        """Token ids of one prompt; placeholder k becomes tokens_per_image[k-1] image ids."""
+        check_placeholders(prompt, len(tokens_per_image), index)
+        ids: list[int] = []
+        for i, chunk in enumerate(PLACEHOLDER.split(prompt)[::2]):
+            if i:
+                ids += [self.image_token_id] * tokens_per_image[i - 1]
+            ids += self.tokenizer(chunk).input_ids
+        return ids
+
+    def pad(self, rows: list[list[int]], side: str) -> dict:
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        longest = max(len(r) for r in rows)
+        pad_id = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, r in enumerate(rows):
+            span = slice(longest - len(r), longest) if side == "left" else slice(0, len(r))
+            input_ids[i, span] = torch.tensor(r, dtype=torch.long)
+            attention_mask[i, span] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Also write `preprocessor_config.json`, as the official layout (and vLLM) expects."""
+        saved = super().save_pretrained(save_directory, **kwargs)
+        self.image_processor.save_pretrained(save_directory)
+        return saved
+
+    def num_image_tokens(self, width: int, height: int, num_crops: int | None = None) -> int:
+        """Image tokens of a width x height image, from its size alone (for budgeting)."""
+        return self.image_processor.calc_num_image_tokens_from_image_size(width, height, num_crops=num_crops)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    @property
+    def model_input_names(self):
+        return ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
+
+
+def check_placeholders(prompt: str, n_images: int, index: int = 0) -> None:
+    """Placeholders must be <|image_1|> .. <|image_n|>, in order, one per image."""
+    where = f"prompt {index}"
+    if IMAGE_TOKEN in prompt:
+        raise UserError(f"{where} contains the reserved token {IMAGE_TOKEN}; write <|image_1|>, <|image_2|>, ...")
+    numbers = [int(n) for n in PLACEHOLDER.findall(prompt)]
+    if numbers != list(range(1, len(numbers) + 1)):
+        found = ", ".join(f"<|image_{n}|>" for n in numbers)
+        raise UserError(f"{where} has placeholders {found}: they must be <|image_1|>..<|image_n|> in order, no gaps")
+    if len(numbers) != n_images:
+        raise UserError(f"{where} has {len(numbers)} image placeholder(s) but {n_images} image(s) were given")
+
+
+def _as_batch(text, images) -> tuple[list[str], list[list]]:
+    if isinstance(text, str):
+        if images is None:
+            return [text], [[]]
+        return [text], [list(images) if isinstance(images, (list, tuple)) else [images]]
+    texts = list(text)
+    if images is None:
+        return texts, [[] for _ in texts]
+    if len(images) != len(texts):
+        raise UserError(f"{len(texts)} prompts but {len(images)} image lists: give one list (or None) per prompt")
+    per_text = [[] if ims is None else list(ims) if isinstance(ims, (list, tuple)) else [ims] for ims in images]
+    return texts, per_text
+
+
+__all__ = ["Phi3VProcessor", "check_placeholders"]

@@ -1,0 +1,152 @@
+"""The native Phi-3-V model and processor on the tiny preset: batching, saving, loading, errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import GOLDEN, needs_reference
+from PIL import Image
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
+
+from productvlm.errors import UserError
+from productvlm.models.phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VProcessor
+
+
+def photo(w, h, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    return Phi3VProcessor.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module", params=["eager", "sdpa"])
+def model(request, tiny_model_dir):
+    return Phi3VForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=request.param)
+
+
+PROMPTS = [
+    ("<|user|>\n<|image_1|>What is shown in this image?<|end|>\n<|assistant|>\n", [photo(300, 200, 0)]),
+    ("<|user|>\n<|image_1|>\n<|image_2|>\nCompare them.<|end|>\n<|assistant|>\n", [photo(150, 400, 1), photo(90, 90, 2)]),
+    ("<|user|>\nName one product.<|end|>\n<|assistant|>\n", None),
+]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_each_prompt_alone(model, processor, side):
+    batch = processor([p for p, _ in PROMPTS], [ims for _, ims in PROMPTS], padding_side=side)
+    with torch.no_grad():
+        batched = model(**batch).logits
+    for i, (prompt, images) in enumerate(PROMPTS):
+        alone = processor(prompt, images)
+        with torch.no_grad():
+            single = model(**alone).logits[0]
+        real = batch["attention_mask"][i].bool()
+        assert real.sum() == single.shape[0]
+        assert (batched[i][real] - single).abs().max().item() <= 1e-4
+
+
+def test_batched_generation_equals_one_at_a_time(model, processor):
+    batch = processor([p for p, _ in PROMPTS], [ims for _, ims in PROMPTS], padding_side="left")
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        together = model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1] :]
+        for i, (prompt, images) in enumerate(PROMPTS):
+            alone = processor(prompt, images)
+            one = model.generate(**alone, **kwargs)[0, alone["input_ids"].shape[1] :]
+            assert together[i].tolist() == one.tolist()
+
+
+def test_image_slots_match_size_only_count(processor):
+    for w, h in [(300, 200), (150, 400), (90, 90), (1200, 130)]:
+        inputs = processor("<|image_1|>hi", [photo(w, h, 3)])
+        slots = int((inputs["input_ids"] == processor.image_token_id).sum())
+        assert slots == processor.num_image_tokens(w, h)
+
+
+def test_input_ids_not_modified_and_reusable(model, processor):
+    inputs = processor(*PROMPTS[0])
+    before = inputs["input_ids"].clone()
+    with torch.no_grad():
+        a = model(**inputs).logits
+        b = model(**inputs).logits
+    assert torch.equal(inputs["input_ids"], before)
+    assert torch.equal(a, b)
+
+
+def test_save_then_load_is_bit_exact(tiny_model_dir, tmp_path):
+    model = Phi3VForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    again = Phi3VForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_reference
+def test_saved_names_are_the_official_ones_and_unique(tmp_path):
+    model = Phi3VForCausalLM.from_pretrained(GOLDEN / "tiny-phi3v")
+    model.save_pretrained(tmp_path)
+    with safe_open(GOLDEN / "tiny-phi3v" / "model.safetensors", "pt") as f:
+        official = set(f.keys())
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        saved = set(f.keys())
+        ptrs = [f.get_tensor(k).data_ptr() for k in saved]
+    assert saved == official
+    assert not any("wte" in k for k in saved)
+    assert len(set(ptrs)) == len(ptrs)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "phi3_v" and config["rope_scaling"]["type"] == "su"
+
+
+def test_auto_classes_load_the_folder(tiny_model_dir):
+    assert isinstance(AutoConfig.from_pretrained(tiny_model_dir), Phi3VConfig)
+    assert isinstance(AutoModelForCausalLM.from_pretrained(tiny_model_dir), Phi3VForCausalLM)
+    assert isinstance(AutoProcessor.from_pretrained(tiny_model_dir), Phi3VProcessor)
+
+
+def test_attention_defaults_to_sdpa_whatever_config_says(tiny_model_dir, tmp_path):
+    for f in tiny_model_dir.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["_attn_implementation"] = "flash_attention_2"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert Phi3VForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
+
+
+def test_pickle_weights_refused_unless_allowed(tiny_model_dir, tmp_path):
+    model = Phi3VForCausalLM.from_pretrained(tiny_model_dir)
+    (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserError, match="pickle"):
+        Phi3VForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(UserError, match="allow_pickle"):
+        Phi3VForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=False)
+
+
+@pytest.mark.parametrize(
+    "prompt, n_images, message",
+    [
+        ("<|image_1|> and <|image_3|>", 2, "no gaps"),
+        ("<|image_2|><|image_1|>", 2, "in order"),
+        ("<|image_1|> only one", 2, "1 image placeholder"),
+        ("no placeholder", 1, "0 image placeholder"),
+        ("raw <|image|> token", 0, "reserved token"),
+    ],
+)
+def test_placeholder_errors_are_clear(processor, prompt, n_images, message):
+    with pytest.raises(UserError, match=message):
+        processor(prompt, [photo(64, 64, i) for i in range(n_images)] or None)
+
+
+def test_model_rejects_images_that_do_not_match_slots(model, processor):
+    inputs = processor(*PROMPTS[0])
+    inputs["input_ids"] = inputs["input_ids"][:, :-3].clone()
+    inputs["input_ids"][0, -1] = processor.image_token_id
+    inputs["attention_mask"] = inputs["attention_mask"][:, :-3]
+    with pytest.raises(ValueError, match="do not match"):
+        model(**inputs)
