@@ -24,7 +24,12 @@ def machine() -> str:
 
 
 def to_markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| benchmark | value | baseline | ratio | aim | notes |", "|---|---|---|---|---|---|"]
+    lines = [
+        header,
+        "",
+        "| benchmark | value | baseline | ratio | aim | notes |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ratio = f"{r['ratio']:.2f}x" if isinstance(r.get("ratio"), (int, float)) else "-"
         base = f"{r.get('baseline', '')}: {_fmt(r.get('baseline_value'))}" if r.get("baseline") else "-"

@@ -122,7 +122,9 @@ def _source_rows(source_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def server(source_dir: Path):
-    images = {Path(r["image_path"]).name: Path(r["image_path"]).read_bytes() for r in _source_rows(source_dir)}
+    images = {
+        Path(r["image_path"]).name: Path(r["image_path"]).read_bytes() for r in _source_rows(source_dir)
+    }
     with ImageServer(images) as srv:
         yield srv
 
@@ -149,7 +151,9 @@ def catalog(source_dir: Path, server: ImageServer, mode: str = "img") -> list[di
 
 
 def quick(**kw) -> FetchOptions:
-    return FetchOptions(**{"concurrency": 8, "per_host": 8, "timeout": 5.0, "retries": 2, "backoff": 0.05, **kw})
+    return FetchOptions(
+        **{"concurrency": 8, "per_host": 8, "timeout": 5.0, "retries": 2, "backoff": 0.05, **kw}
+    )
 
 
 def read_failures(out: Path) -> dict[int, tuple[str, str]]:
@@ -172,7 +176,15 @@ def test_import_reproduces_the_dataset_with_mapped_columns(tmp_path, source_dir,
         assert len(imported) == result.counts[split] == sum(folder.split_of(c) == split for c in original)
         for r in imported:
             o = original[r["product_code"]]
-            for col in ("title", "category3_code", "full_price", "price", "price_eur", "flg_discount", "category1_code"):
+            for col in (
+                "title",
+                "category3_code",
+                "full_price",
+                "price",
+                "price_eur",
+                "flg_discount",
+                "category1_code",
+            ):
                 assert r[col] == o[col], col
             with Image.open(r["image_path"]) as a, Image.open(o["image_path"]) as b:
                 assert a.mode == "RGB" and a.size == b.size
@@ -188,7 +200,9 @@ def test_imagefolder_reads_imported_folder(tmp_path, source_dir, server):
     import datasets
 
     out = tmp_path / "out"
-    import_dataset(str(write_csv(tmp_path / "c.csv", catalog(source_dir, server))), out, fetch=quick(), progress=False)
+    import_dataset(
+        str(write_csv(tmp_path / "c.csv", catalog(source_dir, server))), out, fetch=quick(), progress=False
+    )
     ds = datasets.load_dataset("imagefolder", data_dir=str(out), cache_dir=str(tmp_path / "hf"))
     counts = json.loads((out / "dataset.json").read_text())["counts"]
     assert {s: ds[s].num_rows for s in ds} == {s: n for s, n in counts.items() if n}
@@ -265,7 +279,12 @@ def _png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_image_validation_guards():
@@ -305,7 +324,9 @@ def test_missing_required_column_is_a_user_error(tmp_path, source_dir, server):
     with pytest.raises(UserError, match="'full_price'"):
         import_dataset(str(src), tmp_path / "o", progress=False)
     with pytest.raises(UserError, match="'price_usd'"):
-        import_dataset(str(src), tmp_path / "o", mapping=parse_mapping(["full_price=price_usd"]), progress=False)
+        import_dataset(
+            str(src), tmp_path / "o", mapping=parse_mapping(["full_price=price_usd"]), progress=False
+        )
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(UserError, match="empty"):
         import_dataset(str(tmp_path / "empty.csv"), tmp_path / "o", progress=False)
@@ -339,7 +360,9 @@ def test_killed_import_resumes(tmp_path, source_dir, server):
     src = write_csv(tmp_path / "c.csv", rows)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "productvlm", "data", "import", str(src), "--out", str(out), "-q"]
-    proc = subprocess.Popen([*cmd, "--concurrency", "2"], env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*cmd, "--concurrency", "2"], env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 90
     while len(list(out.glob("*/images/*.jpg"))) < 8:
         assert proc.poll() is None, proc.stderr.read().decode()
@@ -357,7 +380,9 @@ def test_killed_import_resumes(tmp_path, source_dir, server):
     assert result.failures == [] and sum(result.counts.values()) == len(rows)
     assert result.images_reused == len(done) and result.images_fetched == len(rows) - len(done)
     assert not list(out.glob("*/images/.partial-*"))
-    path_of = {folder.image_key(r["imageurl"]) + ".jpg": r["imageurl"].split(str(server.port))[1] for r in rows}
+    path_of = {
+        folder.image_key(r["imageurl"]) + ".jpg": r["imageurl"].split(str(server.port))[1] for r in rows
+    }
     for name in done:  # complete before the kill: never fetched again
         assert server.counts[path_of[name]] == first_run[path_of[name]] == 1
     assert sum(server.counts.values()) - sum(first_run.values()) == len(rows) - len(done)
@@ -368,3 +393,43 @@ def test_killed_import_resumes(tmp_path, source_dir, server):
 
     again = import_dataset(str(src), out, fetch=quick(), progress=False)
     assert again.requests == 0 and again.images_reused == len(rows)
+
+
+def test_local_paths_from_parquet_and_jsonl_via_cli(tmp_path, source_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from productvlm.cli import app
+
+    rows = []
+    for r in _source_rows(source_dir):
+        row = {c: r[c] for c in folder.CATALOG_COLUMNS}
+        row["photo"] = os.path.relpath(r["image_path"], tmp_path)  # relative to the table's folder
+        rows.append(row)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "cat.parquet")
+    (tmp_path / "cat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("cat.parquet", "cat.jsonl"):
+        out = tmp_path / f"out-{name}"
+        args = ["data", "import", str(tmp_path / name), "--out", str(out), "--image-column", "photo"]
+        res = CliRunner().invoke(app, [*args, "--split-stratify", "--split", "50,25,25", "-q"])
+        assert res.exit_code == 0, res.output
+        assert "images fetched now" in res.output
+        info = json.loads((out / "dataset.json").read_text())
+        assert info["split"]["stratify"] == "category3_code" and info["split"]["fractions"] == [0.5, 0.25, 0.25]
+        assert sum(info["counts"].values()) == len(rows) and info["rows_failed"] == 0
+        got = {r["product_code"]: r for s in folder.SPLITS for r in folder.read_split(out, s)}
+        for r in rows:
+            src = (tmp_path / r["photo"]).read_bytes()
+            assert Path(got[r["product_code"]]["image_path"]).read_bytes() == src  # RGB JPEG kept as is
+        codes, cats = [r["product_code"] for r in rows], [r["category3_code"] for r in rows]
+        expected = Counter(folder.assign_splits(codes, 0, (0.5, 0.25, 0.25), strata=cats))
+        assert info["counts"] == {s: expected[s] for s in folder.SPLITS}
+
+
+@pytest.mark.skipif(os.environ.get("HF_HUB_OFFLINE") != "1", reason="only run where the hub is switched off")
+def test_hub_source_offline_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="DBQ/Burberry.Product.prices.United.States"):
+        import_dataset("DBQ/Burberry.Product.prices.United.States", tmp_path / "o", limit=5, progress=False)
+    with pytest.raises(UserError, match="not found"):
+        import_dataset(str(tmp_path / "missing.csv"), tmp_path / "o", progress=False)

@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import GOLDEN, REFERENCE, needs_reference
 from PIL import Image
 
 from productvlm.models.phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VProcessor
+
+from conftest import GOLDEN, REFERENCE, needs_reference
 
 pytestmark = needs_reference
 
@@ -19,7 +20,9 @@ IMAGE_TOKEN_ID = 32044
 @pytest.fixture(scope="module", params=["eager", "sdpa"])
 def models(request):
     return {
-        name: Phi3VForCausalLM.from_pretrained(GOLDEN / name, dtype=torch.float32, attn_implementation=request.param)
+        name: Phi3VForCausalLM.from_pretrained(
+            GOLDEN / name, dtype=torch.float32, attn_implementation=request.param
+        )
         for name in ("tiny-phi3v", "tiny-phi35v")
     }
 
@@ -73,8 +76,9 @@ def test_logits_and_loss_match_official(models, processors, case):
     assert abs(out.loss.item() - float(ref["loss"])) <= 1e-3
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if "generated" in np.load(GOLDEN / f"{c['name']}.npz")],
-                         ids=lambda c: c["name"])
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if "generated" in np.load(GOLDEN / f"{c['name']}.npz")], ids=lambda c: c["name"]
+)
 def test_greedy_generation_matches_official(models, processors, case):
     ref = golden(case)
     inputs = encode(processors, case, with_answer=False)
@@ -83,7 +87,7 @@ def test_greedy_generation_matches_official(models, processors, case):
         out = models[case["model"]].generate(
             **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None
         )
-    assert out[0, inputs["input_ids"].shape[1]:].tolist() == ref["generated"].tolist()
+    assert out[0, inputs["input_ids"].shape[1] :].tolist() == ref["generated"].tolist()
 
 
 def test_full_size_weight_names_equal_official_index():

@@ -5,13 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import GOLDEN, needs_reference
 from PIL import Image
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 
 from productvlm.errors import UserError
 from productvlm.models.phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VProcessor
+
+from conftest import GOLDEN, needs_reference
 
 
 def photo(w, h, seed):
@@ -26,12 +27,17 @@ def processor(tiny_model_dir):
 
 @pytest.fixture(scope="module", params=["eager", "sdpa"])
 def model(request, tiny_model_dir):
-    return Phi3VForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=request.param)
+    return Phi3VForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attn_implementation=request.param
+    )
 
 
 PROMPTS = [
     ("<|user|>\n<|image_1|>What is shown in this image?<|end|>\n<|assistant|>\n", [photo(300, 200, 0)]),
-    ("<|user|>\n<|image_1|>\n<|image_2|>\nCompare them.<|end|>\n<|assistant|>\n", [photo(150, 400, 1), photo(90, 90, 2)]),
+    (
+        "<|user|>\n<|image_1|>\n<|image_2|>\nCompare them.<|end|>\n<|assistant|>\n",
+        [photo(150, 400, 1), photo(90, 90, 2)],
+    ),
     ("<|user|>\nName one product.<|end|>\n<|assistant|>\n", None),
 ]
 
@@ -150,3 +156,18 @@ def test_model_rejects_images_that_do_not_match_slots(model, processor):
     inputs["attention_mask"] = inputs["attention_mask"][:, :-3]
     with pytest.raises(ValueError, match="do not match"):
         model(**inputs)
+
+
+def test_generation_across_the_longrope_switch_keeps_the_image(tiny_model_dir, processor):
+    """Past 4096 tokens Phi-3 drops the KV cache and recomputes: the image must be fed again."""
+    model = Phi3VForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    prompt = f"<|user|>\n<|image_1|>{' scarf' * 1994}<|end|>\n<|assistant|>\n"  # ' scarf' is 2 tokens
+    inputs = processor(prompt, [photo(300, 200, 5)])
+    n = inputs["input_ids"].shape[1]
+    assert 4090 <= n <= 4096
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        # Greedy tokens must be the argmax of one uncached forward over the whole sequence.
+        full = model(input_ids=out[:, :-1], pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+    assert out.shape[1] > 4097
+    assert full.logits[0, n - 1 :].argmax(-1).tolist() == out[0, n:].tolist()

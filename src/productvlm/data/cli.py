@@ -43,33 +43,53 @@ def synth(
     """
     from productvlm.data.synth import synthesize
 
-    info = synthesize(out, rows=rows, seed=seed, workers=workers or None, overwrite=overwrite, progress=not quiet)
+    info = synthesize(
+        out, rows=rows, seed=seed, workers=workers or None, overwrite=overwrite, progress=not quiet
+    )
     counts = ", ".join(f"{k} {v}" for k, v in info["counts"].items())
-    console.print(f"wrote {rows} rows to {out} ({counts}) in {info['seconds']:.1f}s ({rows / info['seconds']:.0f} rows/s)")
-    console.print(f"files: {out}/{{train,validation,test}}/metadata.jsonl, <split>/images/*.jpg, {out}/dataset.json")
+    console.print(
+        f"wrote {rows} rows to {out} ({counts}) in {info['seconds']:.1f}s ({rows / info['seconds']:.0f} rows/s)"
+    )
+    console.print(
+        f"files: {out}/{{train,validation,test}}/metadata.jsonl, <split>/images/*.jpg, {out}/dataset.json"
+    )
 
 
 @app.command("import")
 def import_cmd(
-    source: str = typer.Argument(..., help="A local .csv/.tsv/.parquet/.jsonl file, or a hub dataset id (streamed)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write; rerun with the same --out to resume."),
+    source: str = typer.Argument(
+        ..., help="A local .csv/.tsv/.parquet/.jsonl file, or a hub dataset id (streamed)."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Dataset folder to write; rerun with the same --out to resume."
+    ),
     map_: list[str] = typer.Option(
         [], "--map", "-m", help="Column mapping CATALOG=SOURCE, repeatable, e.g. --map title=product_name."
     ),
     image_column: str = typer.Option(
-        None, "--image-column", help="Source column with image URLs (http/https) or file paths (default: imageurl)."
+        None,
+        "--image-column",
+        help="Source column with image URLs (http/https) or file paths (default: imageurl).",
     ),
     hub_split: str = typer.Option("train", "--hub-split", help="Split to read when SOURCE is a hub dataset."),
     limit: int = typer.Option(None, "--limit", help="Import only the first N rows of the source."),
     concurrency: int = typer.Option(32, "--concurrency", "-j", help="Downloads in flight overall."),
     per_host: int = typer.Option(8, "--per-host", help="Downloads in flight per host."),
     timeout: float = typer.Option(30.0, "--timeout", help="Seconds allowed per request attempt."),
-    retries: int = typer.Option(3, "--retries", help="Retries on 5xx, 429, timeouts, connection errors (none on 4xx)."),
-    backoff: float = typer.Option(0.5, "--backoff", help="First retry wait in seconds; doubles per retry, with jitter."),
-    max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Refuse images with more pixels (checked before decoding)."),
+    retries: int = typer.Option(
+        3, "--retries", help="Retries on 5xx, 429, timeouts, connection errors (none on 4xx)."
+    ),
+    backoff: float = typer.Option(
+        0.5, "--backoff", help="First retry wait in seconds; doubles per retry, with jitter."
+    ),
+    max_pixels: int = typer.Option(
+        40_000_000, "--max-pixels", help="Refuse images with more pixels (checked before decoding)."
+    ),
     min_side: int = typer.Option(16, "--min-side", help="Refuse images with a side shorter than this (px)."),
     split: str = typer.Option("80,10,10", "--split", help="train,validation,test proportions."),
-    split_seed: int = typer.Option(0, "--split-seed", help="Seed of the product_code hash that assigns splits."),
+    split_seed: int = typer.Option(
+        0, "--split-seed", help="Seed of the product_code hash that assigns splits."
+    ),
     split_stratify: bool = typer.Option(
         False, "--split-stratify", help="Same split proportions within every category3_code."
     ),
@@ -93,7 +113,9 @@ def import_cmd(
         source,
         out,
         mapping=parse_mapping(map_, image_column),
-        fetch=FetchOptions(concurrency=concurrency, per_host=per_host, timeout=timeout, retries=retries, backoff=backoff),
+        fetch=FetchOptions(
+            concurrency=concurrency, per_host=per_host, timeout=timeout, retries=retries, backoff=backoff
+        ),
         limits=ImageLimits(max_pixels=max_pixels, min_side=min_side),
         split_seed=split_seed,
         fractions=_parse_fractions(split),
@@ -130,8 +152,12 @@ def _print_import_summary(result) -> None:  # noqa: ANN001 (ImportResult, import
 
 @app.command()
 def stats(
-    dataset_dir: Path = typer.Argument(..., help="A dataset folder written by `data synth` or `data import`."),
-    html: Path = typer.Option(None, "--html", help="Where to write the HTML page (default: DATASET_DIR/stats.html)."),
+    dataset_dir: Path = typer.Argument(
+        ..., help="A dataset folder written by `data synth` or `data import`."
+    ),
+    html: Path = typer.Option(
+        None, "--html", help="Where to write the HTML page (default: DATASET_DIR/stats.html)."
+    ),
     json_out: Path = typer.Option(None, "--json", help="Also write the numbers as JSON here."),
 ) -> None:
     """Rows per split and category, prices, image sizes, image tokens at num_crops 1/4/16 and the token budget."""

@@ -101,7 +101,9 @@ class Fetcher:
         try:
             async with self._session.get(url, max_redirects=5) as resp:
                 if resp.status >= 500 or resp.status == 429:
-                    raise _Retryable(f"http {resp.status}", parse_retry_after(resp.headers.get("Retry-After")))
+                    raise _Retryable(
+                        f"http {resp.status}", parse_retry_after(resp.headers.get("Retry-After"))
+                    )
                 if resp.status >= 400:
                     raise FetchError(f"http {resp.status}")
                 if resp.status >= 300:

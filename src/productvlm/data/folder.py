@@ -212,7 +212,9 @@ def write_splits(out_dir: Path, rows_by_split: dict[str, list[dict[str, Any]]]) 
 
 
 def write_dataset_json(out_dir: Path, info: dict[str, Any]) -> None:
-    atomic_write_text(Path(out_dir) / DATASET_JSON, json.dumps({"schema_version": SCHEMA_VERSION, **info}, indent=2))
+    atomic_write_text(
+        Path(out_dir) / DATASET_JSON, json.dumps({"schema_version": SCHEMA_VERSION, **info}, indent=2)
+    )
 
 
 def write_failures(out_dir: Path, failures: Sequence[tuple[int, str, str]]) -> Path:
@@ -244,7 +246,9 @@ def read_dataset_info(dataset_dir: Path) -> dict[str, Any]:
 def check_dataset_dir(dataset_dir: Path) -> Path:
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
-        raise UserError(f"dataset folder {dataset_dir} does not exist: create it with `productvlm data synth` or `data import`")
+        raise UserError(
+            f"dataset folder {dataset_dir} does not exist: create it with `productvlm data synth` or `data import`"
+        )
     if not any((dataset_dir / s / METADATA).is_file() for s in SPLITS):
         raise UserError(
             f"{dataset_dir} has no <split>/{METADATA} (train, validation, test): is it a productvlm dataset folder?"
@@ -285,6 +289,8 @@ def read_split(dataset_dir: str | Path, split: str) -> list[dict[str, Any]]:
             raise UserError(f"{split_dir / METADATA} row {i}: no file_name")
         image_path = split_dir / name
         if not image_path.is_file():
-            raise UserError(f"{split_dir / METADATA} row {i}: image {name} is missing; re-run the import to fetch it")
+            raise UserError(
+                f"{split_dir / METADATA} row {i}: image {name} is missing; re-run the import to fetch it"
+            )
         out.append({**row, "image_path": str(image_path)})
     return out

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from productvlm.data import folder
-from productvlm.data.fetch import FetchError, Fetcher, FetchOptions
+from productvlm.data.fetch import Fetcher, FetchError, FetchOptions
 from productvlm.data.images import BadImage, ImageLimits, is_complete_jpeg, to_dataset_jpeg
 from productvlm.data.progress import progress_bar
 from productvlm.data.rows import CatalogRow, ImageSource, RowRejected, check_columns, parse_mapping, parse_row
@@ -275,7 +275,10 @@ def import_dataset(
                 failures.append((row.number, row.values["imageurl"] or "", reason))
         result.counts = folder.write_splits(out_dir, rows_by_split)
         folder.write_failures(out_dir, failures)
-        folder.write_dataset_json(out_dir, _dataset_info(table.source, table.location, mapping, result, split_seed, fractions, stratify))
+        folder.write_dataset_json(
+            out_dir,
+            _dataset_info(table.source, table.location, mapping, result, split_seed, fractions, stratify),
+        )
     result.failures = sorted(failures)
     result.seconds = time.perf_counter() - t0
     return result

@@ -42,9 +42,13 @@ def parse_mapping(pairs: Iterable[str], image_column: str | None = None) -> dict
         target, sep, src = pair.partition("=")
         target, src = target.strip(), src.strip()
         if not sep or not target or not src:
-            raise UserError(f"--map {pair!r}: expected CATALOG_COLUMN=SOURCE_COLUMN, e.g. --map title=product_name")
+            raise UserError(
+                f"--map {pair!r}: expected CATALOG_COLUMN=SOURCE_COLUMN, e.g. --map title=product_name"
+            )
         if target not in mapping:
-            raise UserError(f"--map {pair!r}: {target!r} is not a catalog column; use one of: {', '.join(CATALOG_COLUMNS)}")
+            raise UserError(
+                f"--map {pair!r}: {target!r} is not a catalog column; use one of: {', '.join(CATALOG_COLUMNS)}"
+            )
         mapping[target] = src
     if image_column:
         mapping["imageurl"] = image_column

@@ -32,7 +32,9 @@ def load_table(source: str, hub_split: str = "train", limit: int | None = None) 
     if path.exists():
         return _load_local(source, path, limit)
     if path.suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
-        raise UserError(f"source file {source} not found: give a CSV, Parquet or JSONL path, or a hub dataset id")
+        raise UserError(
+            f"source file {source} not found: give a CSV, Parquet or JSONL path, or a hub dataset id"
+        )
     return _load_hub(source, hub_split, limit)
 
 
@@ -51,7 +53,9 @@ def _load_local(source: str, path: Path, limit: int | None) -> Table:
     elif suffix == ".json":
         columns, rows = _read_json(path, limit)
     else:
-        raise UserError(f"source file {source}: unknown format {suffix or '(no suffix)'}; use .csv, .tsv, .parquet or .jsonl")
+        raise UserError(
+            f"source file {source}: unknown format {suffix or '(no suffix)'}; use .csv, .tsv, .parquet or .jsonl"
+        )
     if not rows:
         raise UserError(f"source file {source} has no data rows")
     return Table(source, str(path.resolve()), columns, rows, path.resolve().parent)
@@ -64,7 +68,9 @@ def _read_csv(path: Path, delimiter: str, limit: int | None) -> tuple[list[str],
             columns = [c.strip() for c in (reader.fieldnames or [])]
             rows = [{(k or "").strip(): v for k, v in row.items()} for row in islice(reader, limit)]
         except (csv.Error, UnicodeDecodeError) as e:
-            raise UserError(f"source file {path}: cannot read as CSV near line {reader.line_num} ({e})") from e
+            raise UserError(
+                f"source file {path}: cannot read as CSV near line {reader.line_num} ({e})"
+            ) from e
     if not columns:
         raise UserError(f"source file {path} has no header row")
     return columns, rows

@@ -103,7 +103,11 @@ def compute_stats(dataset_dir: str | Path) -> DatasetStats:
         "image_aspect": _describe([w / h for w, h in stats.sizes]),
         "unreadable_images": missing,
         "image_tokens": {
-            str(n): {**_describe([float(t) for t in stats.tokens[n]]), "total": sum(stats.tokens[n]), "per_split": token_totals[n]}
+            str(n): {
+                **_describe([float(t) for t in stats.tokens[n]]),
+                "total": sum(stats.tokens[n]),
+                "per_split": token_totals[n],
+            }
             for n in NUM_CROPS
         },
     }
@@ -158,7 +162,9 @@ def print_stats(stats: DatasetStats, console: Console | None = None) -> None:
     for t in tables(stats):
         console.print(t)
     s = stats.summary
-    console.print(f"discounted rows: {s['discounted_fraction']:.1%}   unreadable images: {s['unreadable_images']}")
+    console.print(
+        f"discounted rows: {s['discounted_fraction']:.1%}   unreadable images: {s['unreadable_images']}"
+    )
 
 
 # ---------------------------------------------------------------- HTML
@@ -216,14 +222,20 @@ def plots(stats: DatasetStats) -> dict[str, str]:
 def _html_table(t: Table) -> str:
     head = "".join(f"<th>{html.escape(str(c.header))}</th>" for c in t.columns)
     cells = [list(c.cells) for c in t.columns]
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(col[i]))}</td>" for col in cells) + "</tr>" for i in range(t.row_count))
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(col[i]))}</td>" for col in cells) + "</tr>"
+        for i in range(t.row_count)
+    )
     return f"<h2>{html.escape(str(t.title))}</h2><table><tr>{head}</tr>{body}</table>"
 
 
 def to_html(stats: DatasetStats) -> str:
     s = stats.summary
     parts = [_html_table(t) for t in tables(stats)]
-    parts += [f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="data:image/png;base64,{b64}">' for title, b64 in plots(stats).items()]
+    parts += [
+        f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="data:image/png;base64,{b64}">'
+        for title, b64 in plots(stats).items()
+    ]
     style = (
         "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
         "table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"

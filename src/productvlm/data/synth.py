@@ -74,7 +74,9 @@ def _pts(pts: list[tuple[float, float]], w: int, h: int) -> list[tuple[float, fl
     return [(x * (w - 1), y * (h - 1)) for x, y in pts]
 
 
-def _both(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, method: str, *args: Any, fill: RGB, **kw: Any) -> None:
+def _both(
+    m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, method: str, *args: Any, fill: RGB, **kw: Any
+) -> None:
     """Draw the same primitive on the mask (opaque) and on the colour canvas."""
     getattr(m, method)(*args, fill=255, **kw)
     getattr(c, method)(*args, fill=fill, **kw)
@@ -94,7 +96,16 @@ def _tote(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: R
 
 def _shoulder(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: RGB) -> None:
     m.rounded_rectangle([0.06 * w, 0.46 * h, 0.94 * w, h - 1], radius=0.07 * w, fill=255)
-    _both(m, c, "arc", [0.14 * w, 0.0, 0.86 * w, 0.96 * h], 180, 360, fill=_shade(col, 0.8), width=max(2, int(w * 0.018)))
+    _both(
+        m,
+        c,
+        "arc",
+        [0.14 * w, 0.0, 0.86 * w, 0.96 * h],
+        180,
+        360,
+        fill=_shade(col, 0.8),
+        width=max(2, int(w * 0.018)),
+    )
     c.line(_pts([(0.06, 0.47), (0.5, 0.78), (0.94, 0.47)], w, h), fill=_ink(col), width=max(2, w // 90))
     r = 0.035 * w
     c.ellipse([0.5 * w - r, 0.76 * h - r, 0.5 * w + r, 0.76 * h + r], fill=METAL)
@@ -127,7 +138,13 @@ def _shirt(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: 
     m.polygon(_pts([(0.26, 0.1), (0.04, 0.34), (0.14, 0.46), (0.26, 0.34)], w, h), fill=255)
     m.polygon(_pts([(0.74, 0.1), (0.96, 0.34), (0.86, 0.46), (0.74, 0.34)], w, h), fill=255)
     ink, lw = _ink(col), max(2, w // 90)
-    _both(m, c, "polygon", _pts([(0.36, 0.04), (0.5, 0.16), (0.64, 0.04), (0.6, 0.1), (0.4, 0.1)], w, h), fill=_shade(col, 0.85))
+    _both(
+        m,
+        c,
+        "polygon",
+        _pts([(0.36, 0.04), (0.5, 0.16), (0.64, 0.04), (0.6, 0.1), (0.4, 0.1)], w, h),
+        fill=_shade(col, 0.85),
+    )
     c.line(_pts([(0.5, 0.16), (0.5, 1.0)], w, h), fill=ink, width=lw)
     r = max(2, 0.012 * w)
     for y in (0.3, 0.48, 0.66, 0.84):
@@ -135,7 +152,16 @@ def _shirt(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: 
 
 
 def _sneaker(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: RGB) -> None:
-    upper = [(0.04, 0.84), (0.04, 0.42), (0.28, 0.26), (0.44, 0.32), (0.55, 0.54), (0.9, 0.62), (0.99, 0.78), (0.99, 0.84)]
+    upper = [
+        (0.04, 0.84),
+        (0.04, 0.42),
+        (0.28, 0.26),
+        (0.44, 0.32),
+        (0.55, 0.54),
+        (0.9, 0.62),
+        (0.99, 0.78),
+        (0.99, 0.84),
+    ]
     m.polygon(_pts(upper, w, h), fill=255)
     _both(m, c, "rectangle", [0.0, 0.8 * h, w - 1, h - 1], fill=(236, 234, 226))
     ink, lw = _ink(col), max(2, w // 120)
@@ -186,17 +212,21 @@ class Category:
     genders: tuple[str, ...] = ("WOMAN", "MAN")
 
 
+# fmt: off
+_BAG = ("Check", "Leather", "Quilted", "Monogram")
+_ANY = ("WOMAN", "MAN", "KIDS")
 CATEGORIES: tuple[Category, ...] = (
-    Category("TOTE", "BAGS", "Tote Bag", 1890, 1.0, 0.68, ("Check", "Leather", "Quilted", "Monogram"), _tote, True),
-    Category("SHOULDER", "BAGS", "Shoulder Bag", 2290, 1.0, 0.7, ("Leather", "Quilted", "Check", "Monogram"), _shoulder, True),
+    Category("TOTE", "BAGS", "Tote Bag", 1890, 1.0, 0.68, _BAG, _tote, sized=True),
+    Category("SHOULDER", "BAGS", "Shoulder Bag", 2290, 1.0, 0.7, _BAG, _shoulder, sized=True),
     Category("SCARVES", "CASHMERE SCARVES", "Scarf", 490, 0.42, 0.86, ("Check", "Knit", "Cashmere", "Monogram"), _scarf),
-    Category("TRENCH COATS", "OUTERWEAR", "Trench Coat", 2390, 0.72, 0.88, ("Cotton", "Check", "Quilted", "Leather"), _trench, genders=("WOMAN", "MAN", "KIDS")),
-    Category("SHIRTS", "SHIRTS", "Shirt", 750, 1.0, 0.76, ("Cotton", "Check", "Monogram", "Knit"), _shirt, genders=("WOMAN", "MAN", "KIDS")),
-    Category("SNEAKERS", "SHOES", "Sneakers", 690, 2.2, 0.82, ("Leather", "Check", "Knit"), _sneaker, genders=("WOMAN", "MAN", "KIDS")),
+    Category("TRENCH COATS", "OUTERWEAR", "Trench Coat", 2390, 0.72, 0.88, ("Cotton", "Check", "Quilted", "Leather"), _trench, genders=_ANY),
+    Category("SHIRTS", "SHIRTS", "Shirt", 750, 1.0, 0.76, ("Cotton", "Check", "Monogram", "Knit"), _shirt, genders=_ANY),
+    Category("SNEAKERS", "SHOES", "Sneakers", 690, 2.2, 0.82, ("Leather", "Check", "Knit"), _sneaker, genders=_ANY),
     Category("CAPS", "HATS & GLOVES", "Baseball Cap", 390, 1.5, 0.66, ("Check", "Cotton", "Monogram"), _cap),
     Category("BELTS", "BELTS", "Belt", 520, 4.0, 0.86, ("Leather", "Check", "Monogram"), _belt),
-    Category("WALLETS", "SMALL LEATHER GOODS", "Wallet", 550, 1.3, 0.5, ("Leather", "Check", "Quilted", "Monogram"), _wallet),
+    Category("WALLETS", "SMALL LEATHER GOODS", "Wallet", 550, 1.3, 0.5, _BAG, _wallet),
 )
+# fmt: on
 CATEGORY_CODES: list[str] = [c.code3 for c in CATEGORIES]
 
 
@@ -289,7 +319,9 @@ def row_rng(seed: int, index: int) -> random.Random:
 def catalog_row(spec: ProductSpec, product_code: int, rng: random.Random, seed: int) -> dict[str, Any]:
     """The catalog columns of one product (same names and kinds of values as the Burberry table)."""
     discount = rng.random() < 0.15
-    price = float(round(spec.full_price * rng.choice((0.5, 0.6, 0.7)) / 10) * 10) if discount else spec.full_price
+    price = (
+        float(round(spec.full_price * rng.choice((0.5, 0.6, 0.7)) / 10) * 10) if discount else spec.full_price
+    )
     slug = spec.title.lower().replace(" ", "-")
     tag = folder.image_key(f"{seed}:{product_code}")
     return {
@@ -457,7 +489,12 @@ def synthesize(
         "source": f"synth:seed={seed}",
         "kind": "synth",
         "column_mapping": {c: c for c in folder.CATALOG_COLUMNS},
-        "split": {"rule": "sha256(seed:product_code)", "seed": 0, "fractions": list(folder.DEFAULT_FRACTIONS), "stratify": None},
+        "split": {
+            "rule": "sha256(seed:product_code)",
+            "seed": 0,
+            "fractions": list(folder.DEFAULT_FRACTIONS),
+            "stratify": None,
+        },
         "counts": counts,
         "rows": rows,
         "synth": {"seed": seed, "categories": CATEGORY_CODES},

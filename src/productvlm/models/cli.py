@@ -44,10 +44,16 @@ def info(model_dir: Path = typer.Argument(..., help="A model folder (official la
         raise UserError(f"{model_dir}/config.json: model_type is {config.model_type!r}, expected 'phi3_v'")
     v = config.vision_config
     table = Table(title=str(model_dir), show_header=False)
-    table.add_row("decoder", f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-                  f"{config.num_attention_heads} heads, vocab {config.vocab_size}")
-    table.add_row("vision tower", f"CLIP {v.num_hidden_layers} layers, hidden {v.hidden_size}, "
-                  f"{v.image_size} px crops, {config.tokens_per_side ** 2} tokens/crop")
+    table.add_row(
+        "decoder",
+        f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+        f"{config.num_attention_heads} heads, vocab {config.vocab_size}",
+    )
+    table.add_row(
+        "vision tower",
+        f"CLIP {v.num_hidden_layers} layers, hidden {v.hidden_size}, "
+        f"{v.image_size} px crops, {config.tokens_per_side**2} tokens/crop",
+    )
     for crops in (1, 4, 16):
         tokens = num_image_tokens(1000, 1000, crops, config.crop_size, config.tokens_per_side)
         table.add_row(f"tokens, 1000x1000 @ {crops} crops", str(tokens))

@@ -80,7 +80,9 @@ class Phi3VConfig(Phi3Config):
             if got != want:
                 raise ValueError(f"embd_layer.{key}={got!r} is not supported (only {want!r}, as in Phi-3-V)")
         if self.img_processor.get("name", "clip_vision_model") != "clip_vision_model":
-            raise ValueError(f"img_processor.name={self.img_processor['name']!r}: only clip_vision_model is supported")
+            raise ValueError(
+                f"img_processor.name={self.img_processor['name']!r}: only clip_vision_model is supported"
+            )
 
     def to_dict(self) -> dict:
         """Also write `rope_scaling` in the official form (type "su"), which the official code requires."""

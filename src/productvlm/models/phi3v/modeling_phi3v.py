@@ -68,7 +68,9 @@ class Phi3VImageEmbedding(nn.Module):
         self.glb_GN = nn.Parameter(torch.zeros(1, 1, dim * 4))
         self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, dim * 4))
         self.img_projection = nn.Sequential(
-            nn.Linear(dim * 4, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
+            nn.Linear(dim * 4, config.hidden_size),
+            nn.GELU(),
+            nn.Linear(config.hidden_size, config.hidden_size),
         )
         self.crop_size = self.vision_config.image_size
         self.grid = self.vision_config.image_size // self.vision_config.patch_size  # 24 for the real model
@@ -216,7 +218,9 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM, GenerationMixin):
         kwargs.pop("trust_remote_code", None)
         if not allow_pickle:
             if kwargs.get("use_safetensors") is False:
-                raise UserError("use_safetensors=False loads pickle weights: pass allow_pickle=True to allow it")
+                raise UserError(
+                    "use_safetensors=False loads pickle weights: pass allow_pickle=True to allow it"
+                )
             kwargs["use_safetensors"] = True
             _refuse_pickle_only_folder(pretrained_model_name_or_path)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
@@ -274,7 +278,9 @@ def _stop_at_end_tokens(model: Phi3VForCausalLM) -> None:
         return  # our presets save their own stop tokens
     eos = model.generation_config.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    model.generation_config.eos_token_id = eos + [t for t in (OFFICIAL_END_ID, OFFICIAL_ENDOFTEXT_ID) if t not in eos]
+    model.generation_config.eos_token_id = eos + [
+        t for t in (OFFICIAL_END_ID, OFFICIAL_ENDOFTEXT_ID) if t not in eos
+    ]
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = OFFICIAL_ENDOFTEXT_ID
 

@@ -23,18 +23,7 @@ CHAT_TEMPLATE = (
 )
 
 # Words a product catalog uses; anything else still encodes through the byte-fallback tokens.
-_WORDS = """
-product category full price what is shown in this image compare these two products name one brand
-black white beige camel navy red green pink grey gray brown blue burgundy cream olive yellow orange
-purple tan ivory charcoal khaki silver gold honey stone sand archive dark light pale
-leather cashmere wool cotton silk nylon canvas suede denim linen check quilted knit plain striped
-monogram vintage printed embroidered logo classic mini small medium large heritage trench
-bag tote shoulder crossbody clutch backpack scarf shawl coat jacket parka puffer trench shirt polo
-t-shirt dress skirt sweater cardigan hoodie sneaker sneakers boot boots loafer heels sandal hat cap
-beanie bucket belt wallet card case purse keychain umbrella blanket poncho cape gloves sunglasses
-BAGS SCARVES OUTERWEAR SHOES ACCESSORIES WOMAN MAN KIDS TOTE SHOULDER CROSSBODY COATS JACKETS
-SHIRTS SNEAKERS BOOTS HATS CAPS BELTS WALLETS KNITWEAR CASHMERE PONCHOS CAPES N.A. USD EUR
-""".split()
+_WORDS = ["product", "category", "full", "price", "what", "is", "shown", "in", "this", "image", "compare", "these", "two", "products", "name", "one", "brand", "black", "white", "beige", "camel", "navy", "red", "green", "pink", "grey", "gray", "brown", "blue", "burgundy", "cream", "olive", "yellow", "orange", "purple", "tan", "ivory", "charcoal", "khaki", "silver", "gold", "honey", "stone", "sand", "archive", "dark", "light", "pale", "leather", "cashmere", "wool", "cotton", "silk", "nylon", "canvas", "suede", "denim", "linen", "check", "quilted", "knit", "plain", "striped", "monogram", "vintage", "printed", "embroidered", "logo", "classic", "mini", "small", "medium", "large", "heritage", "trench", "bag", "tote", "shoulder", "crossbody", "clutch", "backpack", "scarf", "shawl", "coat", "jacket", "parka", "puffer", "trench", "shirt", "polo", "t-shirt", "dress", "skirt", "sweater", "cardigan", "hoodie", "sneaker", "sneakers", "boot", "boots", "loafer", "heels", "sandal", "hat", "cap", "beanie", "bucket", "belt", "wallet", "card", "case", "purse", "keychain", "umbrella", "blanket", "poncho", "cape", "gloves", "sunglasses", "BAGS", "SCARVES", "OUTERWEAR", "SHOES", "ACCESSORIES", "WOMAN", "MAN", "KIDS", "TOTE", "SHOULDER", "CROSSBODY", "COATS", "JACKETS", "SHIRTS", "SNEAKERS", "BOOTS", "HATS", "CAPS", "BELTS", "WALLETS", "KNITWEAR", "CASHMERE", "PONCHOS", "CAPES", "N.A.", "USD", "EUR"]
 
 
 def _corpus() -> list[str]:
@@ -64,7 +53,9 @@ def build_tokenizer(vocab_size: int = 1000) -> PreTrainedTokenizerFast:
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
     tok.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )

@@ -27,7 +27,9 @@ class Phi3VProcessor(ProcessorMixin):
         self.image_token = IMAGE_TOKEN
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token; Phi-3-V tokenizers have it (id 32044)")
+            raise ValueError(
+                f"the tokenizer has no {IMAGE_TOKEN} token; Phi-3-V tokenizers have it (id 32044)"
+            )
 
     def __call__(
         self,
@@ -107,11 +109,15 @@ def check_placeholders(prompt: str, n_images: int, index: int = 0) -> None:
     """Placeholders must be <|image_1|> .. <|image_n|>, in order, one per image."""
     where = f"prompt {index}"
     if IMAGE_TOKEN in prompt:
-        raise UserError(f"{where} contains the reserved token {IMAGE_TOKEN}; write <|image_1|>, <|image_2|>, ...")
+        raise UserError(
+            f"{where} contains the reserved token {IMAGE_TOKEN}; write <|image_1|>, <|image_2|>, ..."
+        )
     numbers = [int(n) for n in PLACEHOLDER.findall(prompt)]
     if numbers != list(range(1, len(numbers) + 1)):
         found = ", ".join(f"<|image_{n}|>" for n in numbers)
-        raise UserError(f"{where} has placeholders {found}: they must be <|image_1|>..<|image_n|> in order, no gaps")
+        raise UserError(
+            f"{where} has placeholders {found}: they must be <|image_1|>..<|image_n|> in order, no gaps"
+        )
     if len(numbers) != n_images:
         raise UserError(f"{where} has {len(numbers)} image placeholder(s) but {n_images} image(s) were given")
 
@@ -125,8 +131,12 @@ def _as_batch(text, images) -> tuple[list[str], list[list]]:
     if images is None:
         return texts, [[] for _ in texts]
     if len(images) != len(texts):
-        raise UserError(f"{len(texts)} prompts but {len(images)} image lists: give one list (or None) per prompt")
-    per_text = [[] if ims is None else list(ims) if isinstance(ims, (list, tuple)) else [ims] for ims in images]
+        raise UserError(
+            f"{len(texts)} prompts but {len(images)} image lists: give one list (or None) per prompt"
+        )
+    per_text = [
+        [] if ims is None else list(ims) if isinstance(ims, (list, tuple)) else [ims] for ims in images
+    ]
     return texts, per_text
 
 

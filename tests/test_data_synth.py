@@ -1,0 +1,141 @@
+"""`data synth`: determinism, schema, and that the photo determines the answers."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from productvlm.data import folder, synth
+from productvlm.errors import UserError
+
+ROWS = 90  # > 64, so the process pool renders them
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("synth") / "ds"
+    synth.synthesize(d, rows=ROWS, seed=5, workers=2, progress=False)
+    return d
+
+
+def all_rows(d: Path) -> list[dict]:
+    return [r for s in folder.SPLITS for r in folder.read_split(d, s)]
+
+
+def files(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_regardless_of_workers(ds, tmp_path):
+    again = tmp_path / "again"
+    synth.synthesize(again, rows=ROWS, seed=5, workers=1, progress=False)
+    a, b = files(ds), files(again)
+    assert a.keys() == b.keys() and len(a) == ROWS + 4  # images + 3 metadata + dataset.json
+    assert all(a[k] == b[k] for k in a)
+    other = tmp_path / "other"
+    synth.synthesize(other, rows=ROWS, seed=6, workers=1, progress=False)
+    assert files(other).keys() != a.keys()
+
+
+def test_schema_and_values(ds):
+    rows = all_rows(ds)
+    assert len(rows) == ROWS
+    assert len({r["product_code"] for r in rows}) == ROWS
+    for r in rows:
+        assert set(r) == {*folder.CATALOG_COLUMNS, "file_name", "image_path"}
+        assert isinstance(r["product_code"], int) and 10_000_000 <= r["product_code"] < 100_000_000
+        assert r["currency_code"] == "USD" and r["country_code"] == "USA" and r["brand"] == "BURBERRY"
+        assert r["category1_code"] in ("WOMAN", "MAN", "KIDS")
+        assert r["imageurl"].startswith("https://") and r["itemurl"].startswith("https://")
+        assert r["full_price"] % 100 == 90 and r["full_price"] >= 290
+        assert r["full_price_eur"] == round(r["full_price"] * synth.EUR_PER_USD, 2)
+        assert (r["price"] < r["full_price"]) == bool(r["flg_discount"])
+        assert r["file_name"] == folder.image_file_name(r["imageurl"])
+    assert len({r["category3_code"] for r in rows}) >= 8
+    info = json.loads((ds / "dataset.json").read_text())
+    assert info["counts"] == {s: len(folder.read_metadata(ds, s)) for s in folder.SPLITS}
+    assert info["schema_version"] == folder.SCHEMA_VERSION
+
+
+def test_answers_follow_from_the_product(ds):
+    """category3 <-> noun in title; title words = size/colour/material; price = category x material x size."""
+    by_code = {c.code3: c for c in synth.CATEGORIES}
+    for r in all_rows(ds):
+        cat = by_code[r["category3_code"]]
+        assert r["title"].endswith(cat.noun)
+        words = r["title"][: -len(cat.noun)].split()
+        if cat.sized:
+            size, colour, material = words
+            size_factor = {s: f for s, f, _ in synth.SIZES}[size]
+        else:
+            (colour, material), size_factor = words, 1.0
+        assert colour in synth.COLOURS and material in cat.materials
+        expected = cat.base_price * synth.MATERIAL_PRICE[material] * size_factor
+        assert abs(math.log(r["full_price"] / expected)) < 0.2
+
+
+def test_images_vary_and_decode(ds):
+    sizes, means = [], []
+    for r in all_rows(ds):
+        with Image.open(r["image_path"]) as im:
+            assert im.format == "JPEG" and im.mode == "RGB"
+            im.load()
+            sizes.append(im.size)
+            means.append(np.asarray(im).mean())
+    assert all(min(s) >= 300 and max(s) <= 800 for s in sizes)
+    assert len(set(sizes)) > ROWS // 2 and len({round(w / h, 2) for w, h in sizes}) >= 4
+    assert np.std(means) > 10  # backgrounds, colours and lighting differ
+
+
+def test_product_drawn_with_its_colour():
+    """The colour named in the title is the most common palette colour among the product's pixels."""
+    names = list(synth.COLOURS)
+    palette = np.array([synth.COLOURS[c] for c in names], np.float32)
+    hits = 0
+    for i in range(40):
+        rng = synth.row_rng(0, i)
+        spec = synth.sample_spec(rng)
+        a = np.asarray(synth.render(spec, rng), dtype=np.float32)
+        background = np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]), axis=0)
+        product = a[np.abs(a - background).sum(-1) > 60]
+        nearest = np.abs(product[:, None, :] - palette[None]).sum(-1).argmin(1)
+        hits += names[np.bincount(nearest, minlength=len(names)).argmax()] == spec.colour
+    assert hits >= 32  # 90% measured; patterns (check lines, monogram rings, soles) take the rest
+
+
+def test_imagefolder_reads_synth(ds, tmp_path):
+    import datasets
+
+    d = datasets.load_dataset("imagefolder", data_dir=str(ds), cache_dir=str(tmp_path / "hf"))
+    assert set(d) == set(folder.SPLITS)
+    assert {s: d[s].num_rows for s in d} == {s: len(folder.read_metadata(ds, s)) for s in folder.SPLITS}
+    row = d["validation"][0]
+    assert row["image"].size[0] >= 300 and row["category3_code"] in synth.CATEGORY_CODES
+
+
+def test_refuses_non_empty_out_unless_overwrite(ds, tmp_path):
+    out = tmp_path / "o"
+    synth.synthesize(out, rows=5, seed=1, progress=False)
+    with pytest.raises(UserError, match="not empty"):
+        synth.synthesize(out, rows=5, seed=1, progress=False)
+    synth.synthesize(out, rows=7, seed=2, overwrite=True, progress=False)
+    assert sum(len(folder.read_metadata(out, s)) for s in folder.SPLITS) == 7
+    assert len(list(out.glob("*/images/*.jpg"))) == 7
+
+
+def test_cli_synth(tmp_path):
+    from productvlm.cli import app
+
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(app, ["data", "synth", "--out", str(out), "--rows", "12", "--seed", "3", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "wrote 12 rows" in res.output
+    rows = [r for s in folder.SPLITS for r in folder.read_metadata(out, s)]
+    assert len(rows) == 12 and Counter(r["website_name"] for r in rows) == {"BURBERRY": 12}
