@@ -271,6 +271,11 @@ def test_failures_are_reported_with_reasons(tmp_path, source_dir, server):
     assert len(t) == 2 and t[1] - t[0] >= 0.95  # Retry-After: 1 honoured although backoff is 0.05 s
     assert result.reasons()["http 404"] == 1
 
+    import datasets  # the folder stays readable with a non-empty failures.csv beside the splits
+
+    ds = datasets.load_dataset("imagefolder", data_dir=str(out), cache_dir=str(tmp_path / "hf"))
+    assert sum(ds[s].num_rows for s in ds) == 4
+
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims width x height but carries almost no data (a decompression-bomb stand-in)."""
@@ -416,7 +421,11 @@ def test_local_paths_from_parquet_and_jsonl_via_cli(tmp_path, source_dir):
         assert res.exit_code == 0, res.output
         assert "images fetched now" in res.output
         info = json.loads((out / "dataset.json").read_text())
-        assert info["split"]["stratify"] == "category3_code" and info["split"]["fractions"] == [0.5, 0.25, 0.25]
+        assert info["split"]["stratify"] == "category3_code" and info["split"]["fractions"] == [
+            0.5,
+            0.25,
+            0.25,
+        ]
         assert sum(info["counts"].values()) == len(rows) and info["rows_failed"] == 0
         got = {r["product_code"]: r for s in folder.SPLITS for r in folder.read_split(out, s)}
         for r in rows:

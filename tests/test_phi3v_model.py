@@ -168,6 +168,8 @@ def test_generation_across_the_longrope_switch_keeps_the_image(tiny_model_dir, p
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
         # Greedy tokens must be the argmax of one uncached forward over the whole sequence.
-        full = model(input_ids=out[:, :-1], pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+        full = model(
+            input_ids=out[:, :-1], pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]
+        )
     assert out.shape[1] > 4097
     assert full.logits[0, n - 1 :].argmax(-1).tolist() == out[0, n:].tolist()

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from productvlm.errors import UserError
+
+if TYPE_CHECKING:  # imported lazily at run time: `--help` stays fast
+    from productvlm.data.importer import ImportResult
 
 app = typer.Typer(no_args_is_help=True)
 console = Console()
@@ -47,11 +51,12 @@ def synth(
         out, rows=rows, seed=seed, workers=workers or None, overwrite=overwrite, progress=not quiet
     )
     counts = ", ".join(f"{k} {v}" for k, v in info["counts"].items())
+    rate = rows / info["seconds"]
     console.print(
-        f"wrote {rows} rows to {out} ({counts}) in {info['seconds']:.1f}s ({rows / info['seconds']:.0f} rows/s)"
+        f"wrote {rows} rows ({counts}) in {info['seconds']:.1f}s, {rate:.0f} rows/s", soft_wrap=True
     )
     console.print(
-        f"files: {out}/{{train,validation,test}}/metadata.jsonl, <split>/images/*.jpg, {out}/dataset.json"
+        f"files: {out}/<split>/metadata.jsonl, {out}/<split>/images/*.jpg, {out}/dataset.json", soft_wrap=True
     )
 
 
@@ -127,7 +132,7 @@ def import_cmd(
     _print_import_summary(result)
 
 
-def _print_import_summary(result) -> None:  # noqa: ANN001 (ImportResult, imported lazily)
+def _print_import_summary(result: ImportResult) -> None:
     t = Table(title=f"Imported into {result.out_dir}")
     t.add_column("")
     t.add_column("count", justify="right")
@@ -138,7 +143,7 @@ def _print_import_summary(result) -> None:  # noqa: ANN001 (ImportResult, import
     t.add_row("images fetched now", str(result.images_fetched))
     t.add_row("images already present", str(result.images_reused))
     t.add_row("images failed", str(result.images_failed))
-    t.add_row("MB fetched", f"{result.bytes_fetched / 1e6:.1f}")
+    t.add_row("MB downloaded or read", f"{result.bytes_fetched / 1e6:.1f}")
     t.add_row("seconds", f"{result.seconds:.1f}")
     console.print(t)
     if result.failures:

@@ -191,7 +191,7 @@ def plots(stats: DatasetStats) -> dict[str, str]:
         ax.barh(cats, vals, left=left, label=split)
         left = [a + b for a, b in zip(left, vals)]
     ax.set_xlabel("rows")
-    ax.legend()
+    ax.legend(loc="lower right")
     out["Rows per category and split"] = _png(fig)
 
     fig = Figure(figsize=(7, 3.5))
@@ -210,11 +210,15 @@ def plots(stats: DatasetStats) -> dict[str, str]:
 
     fig = Figure(figsize=(7, 3.5))
     ax = fig.subplots()
+    every = [t for n in NUM_CROPS for t in stats.tokens[n]] or [0]
+    bins = [
+        min(every) + (max(every) - min(every) + 1) * i / 60 for i in range(61)
+    ]  # shared, so one-value series show
     for n in NUM_CROPS:
-        ax.hist(stats.tokens[n], bins=30, alpha=0.6, label=f"num_crops {n}")
+        ax.hist(stats.tokens[n], bins=bins, alpha=0.7, label=f"num_crops {n}")
     ax.set_xlabel("image tokens per image")
     ax.set_ylabel("rows")
-    ax.legend()
+    ax.legend(loc="upper center")
     out["Image tokens per image"] = _png(fig)
     return out
 
