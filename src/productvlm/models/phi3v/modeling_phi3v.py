@@ -99,7 +99,7 @@ class Phi3VImageEmbedding(nn.Module):
         grids = [(int(h) // c, int(w) // c) for h, w in image_sizes.tolist()]
         counts = [1 + h * w for h, w in grids]
         crops = torch.cat([pixel_values[i, :n] for i, n in enumerate(counts)])
-        crops = crops.to(self.img_projection[0].weight.dtype)
+        crops = crops.to(next(self.img_projection.parameters()).dtype)  # also under peft's modules_to_save
         features = self.crop_features(crops).split(counts)
 
         tokens = []

@@ -1,0 +1,168 @@
+"""The run config: pydantic models (unknown keys are errors), read from YAML plus `--set a.b=value` overrides.
+
+Every mistake becomes a one-line UserError naming the key (`train.lr_rate: unknown key`), raised
+before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from productvlm.errors import UserError
+
+DEFAULT_PROMPT = "<|user|>\n<|image_1|>What is shown in this image?<|end|><|assistant|>\n"
+DEFAULT_ANSWER = "Product: {title}, Category: {category3_code}, Full Price: {full_price}"
+DECODER_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = Field("microsoft/Phi-3-vision-128k-instruct", description="folder, hub id or preset:tiny")
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+    @property
+    def preset(self) -> str | None:
+        return self.path.removeprefix("preset:") if self.path.startswith("preset:") else None
+
+
+class DataConfig(Section):
+    dir: Path = Path("data/sample")
+    prompt: str = DEFAULT_PROMPT
+    answer: str = DEFAULT_ANSWER
+    num_crops: int = Field(4, ge=1, le=16)
+    max_tokens_per_sample: int = Field(4096, ge=8)
+    blank_images: bool = False
+    max_train_rows: int | None = Field(None, ge=1)
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: list(DECODER_TARGETS))
+
+
+class TrainConfig(Section):
+    method: Literal["lora", "lora+projector", "frozen_vision", "full"] = "lora"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+    save_steps: int = Field(500, ge=1)
+    save_total_limit: int | None = Field(3, ge=1)
+    log_steps: int = Field(10, ge=1)
+    group_by_length: bool = True
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    gradient_checkpointing: bool = False
+    merge_final: bool = False
+    num_workers: int = Field(0, ge=0)
+
+
+class EvalConfig(Section):
+    subset: int = Field(64, ge=0, description="validation rows generated on; 0 = no eval")
+    steps: int = Field(200, ge=1, description="eval every N optimizer steps (and at the end)")
+    max_new_tokens: int = Field(40, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class TrackingConfig(Section):
+    backend: Literal["wandb", "mlflow", "tensorboard", "none"] = "wandb"
+    project: str = "productvlm"
+    run_name: str | None = None
+    offline: bool = True
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    output_dir: Path = Path("runs/run")
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.train.precision == "fp16" and self.model.dtype == "bfloat16":
+            raise ValueError("train.precision fp16 with model.dtype bfloat16: use bf16, or dtype float32")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as a YAML scalar: 3e-4, true, null, [a, b], text)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r}: expected key=value, e.g. --set train.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise UserError(f"--set {key}: value {raw!r} is not valid YAML ({e.__class__.__name__})") from e
+    return key.strip().split("."), value
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in error["loc"]) or "config"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def validate(data: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        details = "; ".join(_describe(err) for err in e.errors())
+        raise UserError(f"{source}: {details}") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({e})") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections (model, data, train, ...)")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- `--set` overrides, validated."""
+    data = read_yaml(path) if path is not None else {}
+    for item in overrides:
+        apply_override(data, *parse_override(item))
+    return validate(data, source=str(path) if path is not None else "config")

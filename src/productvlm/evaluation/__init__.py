@@ -1,0 +1,1 @@
+"""Evaluation: parse generated answers and score them."""

@@ -1,0 +1,83 @@
+"""Read title, category and price back from a generated answer, whatever the model did to the format.
+
+`Product: <title>, Category: <code>, Full Price: <price>` is what the default template asks for;
+the parser also accepts the fields in any order, missing fields (returned as None), other labels
+(`Title:`, `Price:`), prices like `590.0`, `$1,290`, `1290 USD`, `1.290,00 EUR`, and never raises.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Label -> field; longer labels first so that "Full Price" wins over "Price".
+_LABELS = {
+    "full price": "price",
+    "price": "price",
+    "product": "title",
+    "title": "title",
+    "name": "title",
+    "category": "category",
+}
+_LABEL_RE = re.compile(
+    r"(?<![A-Za-z])(" + "|".join(re.escape(k) for k in _LABELS) + r")\s*:", flags=re.IGNORECASE
+)
+_NUMBER_RE = re.compile(r"[-+]?\d[\d,.' \u00a0]*")
+_EU_RE = re.compile(r"^\d{1,3}(\.\d{3})+(,\d+)?$|^\d+,\d{1,2}$")
+
+
+@dataclass(frozen=True)
+class Answer:
+    title: str | None = None
+    category: str | None = None
+    price: float | None = None
+
+    @property
+    def complete(self) -> bool:
+        return None not in (self.title, self.category, self.price)
+
+
+def parse_price(text: str) -> float | None:
+    """The first number in `text`: `$1,290` -> 1290.0, `1.290,00 EUR` -> 1290.0, `n/a` -> None."""
+    match = _NUMBER_RE.search(text)
+    if match is None:
+        return None
+    raw = re.sub(r"[' \u00a0]", "", match.group(0)).rstrip(",.")
+    sign = -1.0 if raw.startswith("-") else 1.0
+    raw = raw.lstrip("+-")
+    european = _EU_RE.match(raw)  # 1.290,00 -> 1290.00
+    raw = raw.replace(".", "").replace(",", ".") if european else raw.replace(",", "")
+    if raw.count(".") > 1:  # "1.2.3": keep what reads as a number
+        raw = raw[: raw.index(".", raw.index(".") + 1)]
+    try:
+        return sign * float(raw)
+    except ValueError:
+        return None
+
+
+def _clean(value: str) -> str | None:
+    value = value.strip().rstrip(",;").strip()
+    return value or None
+
+
+def parse_answer(text: str) -> Answer:
+    """Fields found in `text`; the first occurrence of each label wins; a missing field is None."""
+    if not isinstance(text, str):
+        return Answer()
+    labels = list(_LABEL_RE.finditer(text))
+    fields: dict[str, str] = {}
+    for i, m in enumerate(labels):
+        name = _LABELS[m.group(1).lower()]
+        end = labels[i + 1].start() if i + 1 < len(labels) else len(text)
+        value = text[m.end() : end]
+        if i + 1 == len(labels):
+            value = value.split("\n", 1)[0]  # trailing chatter after the last field
+        if name not in fields:
+            fields[name] = value
+    title = _clean(fields.get("title", ""))
+    category = _clean(fields.get("category", ""))
+    price = parse_price(fields["price"]) if "price" in fields else None
+    return Answer(title=title, category=category.upper() if category else None, price=price)
+
+
+__all__ = ["Answer", "parse_answer", "parse_price"]

@@ -1,0 +1,120 @@
+"""Load any model folder productvlm writes or reads, for inference: `load_pretrained(path)`.
+
+A folder is either a full model in the official layout (config.json with `model_type: phi3_v`
+plus safetensors: a hub download, `RUN/final` of a full or merged run, an export) or a peft
+adapter folder (adapter_config.json naming its base model: `RUN/final` of a LoRA run, or
+`RUN/final/adapter`). A run folder itself is accepted too and means its `final/`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from productvlm.errors import UserError
+from productvlm.models.phi3v import Phi3VForCausalLM, Phi3VProcessor
+
+ADAPTER_CONFIG = "adapter_config.json"
+EXTRA_TRAINABLES = "extra_trainables.safetensors"  # lora+projector: img_projection, glb_GN, sub_GN
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_model_dir(path: str | Path) -> Path | str:
+    """A run folder means its final model; a hub id (not an existing path) is returned as is."""
+    p = Path(path)
+    if not p.exists():
+        if str(path).count("/") == 1 and not str(path).startswith((".", "/")):
+            return str(path)  # a hub id like microsoft/Phi-3-vision-128k-instruct
+        raise UserError(f"model {path}: no such folder")
+    if (p / "final").is_dir() and not (p / "config.json").is_file():
+        p = p / "final"
+    if not (p / "config.json").is_file() and not (p / ADAPTER_CONFIG).is_file():
+        raise UserError(f"model {p}: neither a model folder (config.json) nor a LoRA adapter ({ADAPTER_CONFIG})")
+    return p
+
+
+def is_adapter(path: Path | str) -> bool:
+    return isinstance(path, Path) and (path / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(adapter: Path) -> Path | str:
+    """The adapter's base model: as written, else relative to the adapter or its run folder."""
+    try:
+        base = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{adapter / ADAPTER_CONFIG}: unreadable or without base_model_name_or_path ({e})") from e
+    if not base:
+        raise UserError(f"{adapter / ADAPTER_CONFIG}: base_model_name_or_path is empty")
+    candidates = [Path(base), adapter / base, *(parent / Path(base).name for parent in adapter.parents[:3])]
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate
+    if Path(base).is_absolute() or base.startswith("."):
+        raise UserError(f"{adapter}: its base model {base} is not there")
+    return base  # a hub id
+
+
+def load_pretrained(
+    path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, Phi3VProcessor]:
+    """(model in eval mode, processor) from a full model folder, an adapter folder, a run folder or a hub id.
+
+    An adapter is loaded onto its base model with peft (not merged, so the weights stay exactly
+    as trained); the processor comes from the adapter folder when it has one, else from the base.
+    """
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    where = resolve_model_dir(path)
+    if is_adapter(where):
+        from peft import PeftModel
+
+        base = adapter_base(where)
+        model = Phi3VForCausalLM.from_pretrained(base, dtype=dtype)
+        model = PeftModel.from_pretrained(model, str(where))
+        _load_extra_trainables(model, where)
+        processor_dir = where if (where / "tokenizer_config.json").is_file() else base
+    else:
+        model = Phi3VForCausalLM.from_pretrained(where, dtype=dtype)
+        processor_dir = where
+    processor = Phi3VProcessor.from_pretrained(processor_dir)
+    return model.to(device).eval(), processor
+
+
+def trained_settings(path: str | Path) -> dict:
+    """How the model at `path` was trained: {"prompt", "answer", "num_crops"} from its run's
+    config.yaml (RUN/final or RUN/final/adapter), else the defaults (the official prompt, 4 crops)."""
+    from productvlm.config import DEFAULT_ANSWER, DEFAULT_PROMPT, read_yaml
+
+    settings = {"prompt": DEFAULT_PROMPT, "answer": DEFAULT_ANSWER, "num_crops": 4}
+    p = Path(path)
+    for candidate in (p / "config.yaml", p.parent / "config.yaml", p.parent.parent / "config.yaml"):
+        if candidate.is_file() and "data" in (cfg := read_yaml(candidate)):
+            data = cfg["data"]
+            settings.update({k: data[k] for k in ("prompt", "answer", "num_crops") if k in data})
+            break
+    return settings
+
+
+def _load_extra_trainables(model, adapter: Path) -> None:
+    file = adapter / EXTRA_TRAINABLES
+    if not file.is_file():
+        return
+    from safetensors.torch import load_file
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(file).items():
+            if name not in params:
+                raise UserError(f"{file}: parameter {name} is not in the model")
+            params[name].copy_(value)
+
+
+__all__ = ["load_pretrained", "trained_settings", "resolve_model_dir", "is_adapter", "adapter_base", "DTYPES"]

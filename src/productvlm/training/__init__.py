@@ -1,0 +1,1 @@
+"""Fine-tuning: config -> samples -> transformers' Trainer (+ peft) -> run folder."""

@@ -1,0 +1,183 @@
+"""`train(cfg)`: the whole run, from config to RUN/final, resumable from the latest complete checkpoint."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PrinterCallback, TrainerCallback, TrainingArguments, set_seed
+
+from productvlm.config import Config
+from productvlm.errors import UserError
+from productvlm.training.data import CatalogDataset, Collator
+from productvlm.training.progress import RichProgress
+from productvlm.training.tracking import finish_tracking, setup_tracking
+from productvlm.training.trainer import (
+    CHECKPOINTS,
+    EXTRA_TRAINABLES,
+    FINAL,
+    LOG,
+    EvalAtEnd,
+    JsonlLog,
+    LogConfig,
+    RunTrainer,
+    apply_method,
+    complete_checkpoints,
+    extra_trainables,
+    load_model,
+    make_encoder,
+    model_dir,
+    rows_of,
+    truncate_log,
+)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_dir: Path
+    steps: int
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    resumed_from: Path | None = None
+
+
+def prepare_run_dir(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
+    """Check the run folder against --resume; write config.yaml. Returns (run, checkpoint to resume)."""
+    run = Path(cfg.output_dir)
+    config_file = run / "config.yaml"
+    checkpoint = None
+    if resume:
+        if not config_file.is_file():
+            raise UserError(
+                f"--resume: {run} is not a run folder (no config.yaml); drop --resume to start it"
+            )
+        checkpoints = complete_checkpoints(run / CHECKPOINTS)
+        checkpoint = checkpoints[-1] if checkpoints else None
+        if config_file.read_text(encoding="utf-8") != cfg.to_yaml():
+            raise UserError(
+                f"--resume: the config differs from {config_file}; resume with the same config "
+                "(or choose a new output_dir)"
+            )
+    elif config_file.is_file():
+        raise UserError(f"output_dir {run} already holds a run: pass --resume, or choose another output_dir")
+    run.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(cfg.to_yaml(), encoding="utf-8")
+    return run, checkpoint
+
+
+def training_args(cfg: Config, run: Path, report_to: list[str]) -> TrainingArguments:
+    t = cfg.train
+    eval_on = cfg.eval.subset > 0
+    return TrainingArguments(
+        output_dir=str(run / CHECKPOINTS),
+        run_name=cfg.tracking.run_name or run.name,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type={"constant": "constant_with_warmup"}.get(t.schedule, t.schedule),
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=None,  # rotation is ours (the checkpoints are renamed into place)
+        eval_strategy="steps" if eval_on else "no",
+        eval_steps=cfg.eval.steps,
+        logging_steps=t.log_steps,
+        report_to=report_to,
+        remove_unused_columns=False,
+        dataloader_num_workers=t.num_workers,
+        disable_tqdm=True,
+    )
+
+
+def train(
+    cfg: Config, resume: bool = False, callbacks: list[TrainerCallback] | None = None, progress: bool = True
+) -> RunResult:
+    t0 = time.perf_counter()
+    run, checkpoint = prepare_run_dir(cfg, resume)
+    report_to = setup_tracking(cfg.tracking, run)
+    set_seed(cfg.train.seed)
+    model, processor = load_model(cfg, model_dir(cfg, run))
+    encoder = make_encoder(cfg, processor)
+    train_rows = rows_of(cfg, "train")[: cfg.data.max_train_rows]
+    train_ds = CatalogDataset(train_rows, encoder, cfg.data.blank_images)
+    eval_rows = rows_of(cfg, "validation")[: cfg.eval.subset]
+    set_seed(cfg.train.seed)  # LoRA init
+    model = apply_method(model, cfg)
+    if resume:
+        truncate_log(run / LOG, int(checkpoint.name.split("-")[1]) if checkpoint else 0)
+    trainer = RunTrainer(
+        model=model,
+        args=training_args(cfg, run, report_to),
+        train_dataset=train_ds,
+        eval_dataset=eval_rows or None,
+        data_collator=Collator(processor, cfg.data.num_crops),
+        processing_class=processor,
+        callbacks=[
+            JsonlLog(run / LOG),
+            LogConfig(cfg, run),
+            EvalAtEnd(bool(eval_rows)),
+            *([RichProgress()] if progress else []),
+            *(callbacks or []),
+        ],
+        run_cfg=cfg,
+        eval_rows=eval_rows,
+    )
+    if progress:
+        trainer.remove_callback(PrinterCallback)  # the rich bar shows loss and eval metrics instead
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    metrics = next((h for h in reversed(trainer.state.log_history) if "eval_n" in h), {})
+    final = save_final(trainer, processor, cfg, run)
+    finish_tracking(cfg.tracking)
+    return RunResult(
+        run, final, output.global_step, time.perf_counter() - t0, {**output.metrics, **metrics}, checkpoint
+    )
+
+
+def save_final(trainer: RunTrainer, processor, cfg: Config, run: Path) -> Path:
+    """RUN/final in the official layout: full weights, or (LoRA) the adapter, plus merged weights
+    when train.merge_final. Written under a temporary name and renamed into place."""
+    from peft import PeftModel
+
+    final, tmp = run / FINAL, run / f".{FINAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if isinstance(model, PeftModel):
+        adapter = tmp / "adapter" if cfg.train.merge_final else tmp
+        model.save_pretrained(adapter)
+        processor.save_pretrained(adapter)
+        extra = extra_trainables(model)
+        if extra:
+            from safetensors.torch import save_file
+
+            save_file(extra, adapter / EXTRA_TRAINABLES)
+        if cfg.train.merge_final:
+            model = model.merge_and_unload()
+    if not isinstance(model, PeftModel):
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def load_final(final: Path, dtype: torch.dtype = torch.float32):
+    from productvlm.models.phi3v import Phi3VForCausalLM, Phi3VProcessor
+
+    return Phi3VForCausalLM.from_pretrained(final, dtype=dtype), Phi3VProcessor.from_pretrained(final)
+
+
+__all__ = ["RunResult", "train", "save_final", "load_final", "training_args", "prepare_run_dir"]

@@ -1,0 +1,315 @@
+"""Build the model (+ peft), the datasets and transformers' Trainer from a Config; write the run folder.
+
+RUN/
+  config.yaml            the resolved config
+  base-model/            only for `model.path: preset:...` (the random preset the run starts from)
+  checkpoints/step-N/    Trainer checkpoints, each renamed into place when complete
+  final/                 the model in the official layout with the processor files (see save_final)
+  train_log.jsonl        one JSON object per log/eval event: step, loss, lr, eval_* metrics
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+
+from productvlm.config import Config
+from productvlm.data.folder import read_split
+from productvlm.errors import UserError
+from productvlm.models.phi3v import Phi3VForCausalLM, Phi3VProcessor
+from productvlm.training.data import Encoder
+from productvlm.training.evaluate import generate_answers, score
+
+CHECKPOINTS, FINAL, LOG = "checkpoints", "final", "train_log.jsonl"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+EXTRA_TRAINABLES = "extra_trainables.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------- model
+
+
+def model_dir(cfg: Config, run: Path) -> str:
+    """The folder or hub id to load; a preset is written once into RUN/base-model."""
+    if cfg.model.preset is None:
+        return cfg.model.path
+    from productvlm.models.phi3v.presets import PRESETS, init_model
+
+    if cfg.model.preset not in PRESETS:
+        raise UserError(f"model.path: unknown preset {cfg.model.preset!r}; choose from {', '.join(PRESETS)}")
+    base = run / "base-model"
+    if not (base / "config.json").is_file():
+        init_model(cfg.model.preset, base, seed=cfg.train.seed)
+    return str(base)
+
+
+def load_model(cfg: Config, path: str):
+    try:
+        model = Phi3VForCausalLM.from_pretrained(
+            path, dtype=DTYPES[cfg.model.dtype], attn_implementation=cfg.model.attention
+        )
+        processor = Phi3VProcessor.from_pretrained(path)
+    except OSError as e:
+        raise UserError(f"model.path {path!r}: cannot load it ({str(e).splitlines()[0]})") from e
+    return model, processor
+
+
+def apply_method(model, cfg: Config):
+    """Freeze / wrap the model for train.method; returns the model to train."""
+    method = cfg.train.method
+    if method == "full":
+        return model
+    if method == "frozen_vision":
+        model.model.vision_embed_tokens.img_processor.requires_grad_(False)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = cfg.train.lora
+    targets = "|".join(re.escape(t) for t in lora.targets)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        # the decoder only: the CLIP tower's projections stay as they are
+        target_modules=rf"^model\.layers\.\d+\..*\.({targets})$",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    if method == "lora+projector":
+        # requires_grad rather than peft's modules_to_save: the model indexes img_projection[0],
+        # which a ModulesToSaveWrapper does not support; these weights are saved beside the adapter.
+        embedding = peft_model.base_model.model.model.vision_embed_tokens
+        for part in (embedding.img_projection, embedding.glb_GN, embedding.sub_GN):
+            part.requires_grad_(True)
+    return peft_model
+
+
+def extra_trainables(model) -> dict[str, torch.Tensor]:
+    """Trainable parameters a peft adapter file does not hold (lora+projector: img_projection, glb_GN, sub_GN)."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return {}
+    return {
+        n: p.detach().contiguous()
+        for n, p in model.named_parameters()
+        if p.requires_grad and "lora_" not in n
+    }
+
+
+# ---------------------------------------------------------------- data
+
+
+def rows_of(cfg: Config, split: str) -> list[dict[str, Any]]:
+    rows = read_split(cfg.data.dir, split)
+    if not rows and split == "train":
+        raise UserError(f"data.dir {cfg.data.dir}: the train split has no rows")
+    return rows
+
+
+def make_encoder(cfg: Config, processor) -> Encoder:
+    d = cfg.data
+    return Encoder(processor, d.prompt, d.answer, d.num_crops, d.max_tokens_per_sample)
+
+
+class EpochLengthSampler(LengthGroupedSampler):
+    """Length-grouped order that depends only on (seed, epoch), so a resumed run replays it exactly."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
+
+
+# ---------------------------------------------------------------- trainer
+
+
+class RunTrainer(Trainer):
+    """Trainer with length grouping from precomputed lengths, atomic checkpoints and eval by generation."""
+
+    def __init__(self, *args, run_cfg: Config, eval_rows: list[dict[str, Any]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.run_cfg, self.eval_rows = run_cfg, eval_rows
+        self._sampler: EpochLengthSampler | None = None
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.run_cfg.train.group_by_length:
+            return super()._get_train_sampler(train_dataset)
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        self._sampler = EpochLengthSampler(size, ds.lengths, self.args.seed)
+        return self._sampler
+
+    def _run_epoch(self, **kwargs):
+        # accelerate's skip_first_batches wrapper (used on resume) does not forward set_epoch
+        if self._sampler is not None:
+            self._sampler.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(**kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the checkpoint under a staging name, then rename it to checkpoints/step-N (atomic)."""
+        root = Path(self.args.output_dir)
+        staging = root / ".staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        self._staging = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        written = staging / f"checkpoint-{self.state.global_step}"
+        target = root / f"step-{self.state.global_step:06d}"
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(written, target)
+        shutil.rmtree(staging, ignore_errors=True)
+        _rotate(root, self.args.save_total_limit)
+
+    def _get_output_dir(self, trial) -> str:
+        return getattr(self, "_staging", None) or super()._get_output_dir(trial)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        extra = extra_trainables(self.model)
+        if extra and self.args.should_save:
+            save_file(extra, os.path.join(output_dir or self.args.output_dir, EXTRA_TRAINABLES))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / EXTRA_TRAINABLES
+        if path.is_file():
+            params = dict((model or self.model).named_parameters())
+            with torch.no_grad():
+                for name, value in load_file(path).items():
+                    params[name].copy_(value)
+
+    def evaluate(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """Generate on the fixed validation subset, parse, score; logged like any Trainer metric."""
+        if not self.eval_rows:
+            return {}
+        model = self.accelerator.unwrap_model(self.model)
+        c = self.run_cfg
+        answers = generate_answers(
+            model,
+            self.processing_class,
+            make_encoder(c, self.processing_class),
+            self.eval_rows,
+            c.eval.max_new_tokens,
+            c.eval.batch_size,
+            c.data.blank_images,
+        )
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in score(self.eval_rows, answers).items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self.last_eval = (metrics, answers)
+        return metrics
+
+
+def _rotate(root: Path, limit: int | None) -> None:
+    if not limit:
+        return
+    for old in complete_checkpoints(root)[:-limit]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Renamed-into-place checkpoints, oldest first (staging leftovers are ignored)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+# ---------------------------------------------------------------- callbacks
+
+
+class JsonlLog(TrainerCallback):
+    """Appends every log event (loss, lr, eval metrics) to RUN/train_log.jsonl."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+class LogConfig(TrainerCallback):
+    """Adds the resolved config and a model summary to the tracker's run (after its callback started it)."""
+
+    def __init__(self, cfg: Config, run: Path):
+        self.cfg, self.run = cfg, run
+
+    def summary(self, model) -> dict[str, Any]:
+        params = list(model.parameters())
+        return {
+            "parameters": sum(p.numel() for p in params),
+            "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+            "method": self.cfg.train.method,
+            "final_model": str(self.run / FINAL),
+        }
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        backend = self.cfg.tracking.backend
+        summary = self.summary(model)
+        if backend == "wandb":
+            import wandb
+
+            if wandb.run is not None:
+                wandb.config.update({"productvlm": self.cfg.to_dict()}, allow_val_change=True)
+                wandb.run.summary.update({f"model/{k}": v for k, v in summary.items()})
+        elif backend == "mlflow":
+            import mlflow
+
+            if mlflow.active_run() is not None:
+                mlflow.log_dict(self.cfg.to_dict(), "productvlm_config.json")
+                mlflow.set_tags({f"model.{k}": v for k, v in summary.items()})
+
+
+class EvalAtEnd(TrainerCallback):
+    """Evaluates after the last step too, inside training, so the trackers still record it."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.enabled and state.global_step >= state.max_steps:
+            control.should_evaluate = True
+
+
+class StopAfter(TrainerCallback):
+    """Stops training after `step` optimizer steps (used to simulate an interruption in tests)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint we resume from."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")

@@ -1,0 +1,206 @@
+"""Whole runs on the tiny preset: run folder, atomic checkpoints, exact resume, trackers, final model."""
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from productvlm.config import load_config
+from productvlm.data.synth import synthesize
+from productvlm.errors import UserError
+from productvlm.models.phi3v import Phi3VForCausalLM
+from productvlm.training.run import train
+from productvlm.training.trainer import StopAfter
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TRACKER_ENV = [
+    "WANDB_MODE",
+    "WANDB_DIR",
+    "WANDB_PROJECT",
+    "WANDB_SILENT",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_ALLOW_FILE_STORE",
+    "TENSORBOARD_LOGGING_DIR",
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("catalog")
+    synthesize(out, rows=48, seed=5, overwrite=True, progress=False, workers=1)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def restore_tracker_env(monkeypatch):
+    for key in TRACKER_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+def config(data_dir, out, *sets):
+    base = [
+        f"data.dir={data_dir}",
+        f"output_dir={out}",
+        "train.batch_size=4",
+        "train.log_steps=1",
+        "eval.subset=0",
+        "tracking.backend=none",
+        "train.max_steps=8",
+        "train.save_steps=4",
+    ]
+    return load_config(CONFIGS / "tiny-cpu.yaml", [*base, *sets])
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "method_sets",
+    [
+        ["train.method=full"],  # crosses an epoch boundary (about 38 rows / 4 per step)
+        [
+            "train.method=lora+projector",
+            "train.lora.dropout=0.2",
+            "train.lr=1e-2",
+            "train.group_by_length=false",
+        ],
+    ],
+    ids=["full", "lora+projector"],
+)
+def test_resume_after_interruption_ends_with_the_same_weights(data_dir, tmp_path, method_sets):
+    sets = ["train.max_steps=14", "train.save_steps=5", *method_sets]
+    straight = train(config(data_dir, tmp_path / "straight", *sets), progress=False)
+
+    cfg = config(data_dir, tmp_path / "resumed", *sets)
+    first = train(cfg, callbacks=[StopAfter(10)], progress=False)
+    assert first.steps == 10
+    checkpoints = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert checkpoints == ["step-000005", "step-000010"]  # renamed into place, no staging left
+    resumed = train(cfg, resume=True, progress=False)
+    assert resumed.resumed_from.name == "step-000010" and resumed.steps == 14
+
+    a, b = weights(straight.final_dir), weights(resumed.final_dir)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+    start = weights(tmp_path / "straight" / "base-model")
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # it did train
+
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
+    steps = [e["step"] for e in log if "loss" in e]
+    assert steps == list(range(1, 15))  # lines after the checkpoint were dropped, none duplicated
+
+
+def test_run_folder_and_final_model(data_dir, tmp_path):
+    result = train(config(data_dir, tmp_path / "run", "eval.subset=4", "eval.steps=4"), progress=False)
+    run = tmp_path / "run"
+    assert (run / "config.yaml").read_text() == load_config(run / "config.yaml").to_yaml()
+    model = Phi3VForCausalLM.from_pretrained(result.final_dir)
+    assert model.config.model_type == "phi3_v"
+    assert {"tokenizer.json", "preprocessor_config.json", "config.json"} <= {
+        p.name for p in result.final_dir.iterdir()
+    }
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert {"loss", "learning_rate"} <= set(log[0])
+    evals = [e for e in log if "eval_category_accuracy" in e]
+    assert [e["step"] for e in evals] == [4, 8]
+    assert {"eval_price_mape", "eval_price_mae", "eval_title_token_f1", "eval_parse_rate"} <= set(evals[0])
+    with pytest.raises(UserError, match="--resume"):
+        train(config(data_dir, tmp_path / "run", "eval.subset=4", "eval.steps=4"), progress=False)
+
+
+def test_lora_final_has_adapter_and_merged_weights(data_dir, tmp_path):
+    result = train(
+        config(data_dir, tmp_path / "run", "train.method=lora", "train.max_steps=2"), progress=False
+    )
+    assert (result.final_dir / "adapter" / "adapter_config.json").is_file()
+    assert (result.final_dir / "adapter" / "tokenizer.json").is_file()
+    merged = Phi3VForCausalLM.from_pretrained(result.final_dir)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_frozen_vision_leaves_the_tower_unchanged(data_dir, tmp_path):
+    result = train(
+        config(data_dir, tmp_path / "run", "train.method=frozen_vision", "train.max_steps=2"), progress=False
+    )
+    before, after = weights(tmp_path / "run" / "base-model"), weights(result.final_dir)
+    tower = [k for k in before if ".img_processor." in k]
+    assert tower and all(torch.equal(before[k], after[k]) for k in tower)
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+
+
+def wandb_records(path: Path):
+    """Records of an offline run's .wandb file: wandb's LevelDB-style log of protobuf `Record`s.
+
+    wandb >= 0.19 has no Python reader (its Go core writes the file), so this is the documented
+    layout: a 7-byte file header, 32 KiB blocks, each chunk = crc32 (4) + length (2) + type (1).
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block, header = path.read_bytes(), 32768, 7
+    assert data[:4] == b":W&B"
+    pos, buf = header, b""
+    while pos + header <= len(data):
+        space = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + header]) if space >= header else (0, 0, 0)
+        if space < header or (length == 0 and kind == 0):
+            pos += space  # block trailer / padding
+            continue
+        buf += data[pos + header : pos + header + length]
+        pos += header + length
+        if kind in (1, 4):  # FULL or LAST chunk: a whole record
+            record = pb.Record()
+            record.ParseFromString(buf)
+            yield record
+            buf = b""
+
+
+def test_wandb_offline_run_files_hold_the_metrics(data_dir, tmp_path):
+    pytest.importorskip("wandb")
+    run = tmp_path / "run"
+    train(
+        config(data_dir, run, "tracking.backend=wandb", "eval.subset=4", "eval.steps=4", "train.max_steps=4"),
+        progress=False,
+    )
+    assert os.environ["WANDB_MODE"] == "offline"
+    (store,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
+    history, config_keys = {}, set()
+    for record in wandb_records(store):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.update(
+                {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.history.item
+                }
+            )
+        elif kind == "config":
+            config_keys.update(item.key for item in record.config.update)
+    assert 0.0 <= history["eval/category_accuracy"] <= 1.0 and history["eval/n"] == 4
+    assert {"train/loss", "eval/price_mape", "eval/title_token_f1", "eval/parse_rate"} <= set(history)
+    assert "productvlm" in config_keys
+
+
+def test_mlflow_local_store_holds_the_metrics(data_dir, tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    run = tmp_path / "run"
+    train(
+        config(
+            data_dir, run, "tracking.backend=mlflow", "eval.subset=4", "eval.steps=4", "train.max_steps=4"
+        ),
+        progress=False,
+    )
+    client = MlflowClient(tracking_uri=(run / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("productvlm")
+    (found,) = client.search_runs([experiment.experiment_id])
+    history = client.get_metric_history(found.info.run_id, "eval_category_accuracy")
+    assert [m.step for m in history] == [4] and 0.0 <= history[0].value <= 1.0
+    assert len(client.get_metric_history(found.info.run_id, "loss")) == 4
