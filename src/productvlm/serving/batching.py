@@ -1,0 +1,227 @@
+"""Dynamic batching: concurrent requests share one left-padded `model.generate` call.
+
+One worker task takes requests from a bounded queue: the first one, then whatever else arrives
+within a short window (or is already waiting), up to `max_batch`. Requests with different sampling
+settings run as separate groups; different `max_tokens` share a group, and a per-row stopping
+criterion ends each row at its own limit or end token, so every answer equals the one its request
+would get alone (greedy; left padding does not change a row's logits). Generation runs in one
+dedicated thread, so the event loop keeps accepting, validating and answering meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from productvlm.errors import UserError
+from productvlm.serving.errors import APIError
+
+
+@dataclass
+class Prepared:
+    """A request in model terms: prompt ids and its images' pixel values (None without images)."""
+
+    ids: list[int]
+    pixel_values: torch.Tensor | None = None
+    image_sizes: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end token) or "length" (max_tokens)
+
+
+@dataclass
+class Job:
+    inputs: Prepared
+    max_tokens: int
+    sampling: Sampling
+    future: asyncio.Future
+    on_delta: Callable[[str], None] | None = None  # streaming: called from the generation thread
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class Engine:
+    """The model side: turns prompts + images into `Prepared`, and runs a batch of them."""
+
+    def __init__(self, model, processor, num_crops: int):
+        self.model, self.processor, self.num_crops = model, processor, num_crops
+        self.device = next(model.parameters()).device
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        self.eos_ids.add(processor.tokenizer.convert_tokens_to_ids("<|end|>"))
+
+    def prepare(self, prompt: str, images: list) -> Prepared:
+        """Tokenize `prompt` (placeholders <|image_1|>..) with `images`; 400 on placeholder mistakes."""
+        pixel_values = image_sizes = None
+        tokens: list[int] = []
+        if images:
+            out = self.processor.image_processor(images, num_crops=self.num_crops, return_tensors="pt")
+            pixel_values, image_sizes = out["pixel_values"], out["image_sizes"]
+            tokens = [int(n) for n in out["num_img_tokens"]]
+        try:
+            ids = self.processor.encode_prompt(prompt, tokens)
+        except UserError as e:
+            raise APIError(400, str(e), code="invalid_prompt") from e
+        return Prepared(ids, pixel_values, image_sizes)
+
+    @torch.inference_mode()
+    def generate(self, jobs: list[Job]) -> list[Completion]:
+        """One left-padded `generate` for jobs with the same sampling settings."""
+        batch = self.processor.pad([j.inputs.ids for j in jobs], "left")
+        inputs = {k: v.to(self.device) for k, v in batch.items()}
+        with_images = [j.inputs for j in jobs if j.inputs.pixel_values is not None]
+        if with_images:
+            inputs["pixel_values"] = torch.cat([p.pixel_values for p in with_images]).to(self.device)
+            inputs["image_sizes"] = torch.cat([p.image_sizes for p in with_images]).to(self.device)
+        sampling = jobs[0].sampling
+        progress = RowProgress(jobs, self.eos_ids, self.processor.tokenizer)
+        kwargs = {"do_sample": False}
+        if sampling.temperature > 0:
+            kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+        self.model.generate(
+            **inputs,
+            max_new_tokens=max(j.max_tokens for j in jobs),
+            stopping_criteria=StoppingCriteriaList([progress]),
+            **kwargs,
+        )
+        return [
+            Completion(
+                text=self.processor.decode(tokens, skip_special_tokens=True),
+                prompt_tokens=len(job.inputs.ids),
+                completion_tokens=len(tokens),
+                finish_reason=finish,
+            )
+            for job, tokens, finish in zip(jobs, progress.tokens, progress.finish)
+        ]
+
+
+class RowProgress(StoppingCriteria):
+    """Per-row bookkeeping at every decoding step: collects each row's tokens up to its end token or
+    its own max_tokens, streams the new text of streaming rows, and tells generate which rows are done."""
+
+    def __init__(self, jobs: list[Job], eos_ids: set[int], tokenizer):
+        self.jobs, self.eos_ids, self.tokenizer = jobs, eos_ids, tokenizer
+        self.tokens: list[list[int]] = [[] for _ in jobs]
+        self.finish = ["length"] * len(jobs)
+        self.done = [False] * len(jobs)
+        self.sent = [0] * len(jobs)  # characters already streamed
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        for i, token in enumerate(input_ids[:, -1].tolist()):
+            if self.done[i]:
+                continue
+            if token in self.eos_ids:
+                self.done[i], self.finish[i] = True, "stop"
+            else:
+                self.tokens[i].append(token)
+                self.done[i] = len(self.tokens[i]) >= self.jobs[i].max_tokens
+            if self.jobs[i].on_delta is not None:
+                self._stream(i)
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+
+    def _stream(self, i: int) -> None:
+        text = self.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
+        if text.endswith("\ufffd") and not self.done[i]:
+            return  # half of a multi-byte character: wait for the rest
+        if len(text) > self.sent[i]:
+            self.jobs[i].on_delta(text[self.sent[i] :])
+            self.sent[i] = len(text)
+
+
+class Batcher:
+    """The bounded queue and the single worker that batches its requests."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch: int = 8,
+        wait_ms: float = 10.0,
+        max_queue: int = 256,
+        on_batch: Callable[[int], None] | None = None,
+    ):
+        self.engine, self.max_batch, self.wait_s = engine, max(1, max_batch), wait_ms / 1000
+        self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queue)
+        self.on_batch = on_batch
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._worker())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def submit(
+        self,
+        inputs: Prepared,
+        max_tokens: int,
+        sampling: Sampling = Sampling(),
+        on_delta: Callable[[str], None] | None = None,
+    ) -> asyncio.Future:
+        """Queue a request; its future gets the Completion. 503 when the queue is full."""
+        future = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait(Job(inputs, max_tokens, sampling, future, on_delta))
+        except asyncio.QueueFull:
+            raise APIError(
+                503,
+                f"server busy: {self.queue.maxsize} requests already waiting; retry shortly",
+                "queue_full",
+            ) from None
+        return future
+
+    async def _collect(self) -> list[Job]:
+        jobs = [await self.queue.get()]
+        deadline = asyncio.get_running_loop().time() + self.wait_s
+        while len(jobs) < self.max_batch:
+            if not self.queue.empty():
+                jobs.append(self.queue.get_nowait())
+                continue
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            try:
+                jobs.append(await asyncio.wait_for(self.queue.get(), left))
+            except TimeoutError:
+                break
+        return [j for j in jobs if not j.future.cancelled()]  # clients that went away
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = await self._collect()
+            groups: dict[Sampling, list[Job]] = {}
+            for job in jobs:
+                groups.setdefault(job.sampling, []).append(job)
+            for group in groups.values():
+                if self.on_batch:
+                    self.on_batch(len(group))
+                try:
+                    results = await loop.run_in_executor(self._executor, self.engine.generate, group)
+                except Exception as e:  # noqa: BLE001  (a failed batch must not kill the worker)
+                    for job in group:
+                        if not job.future.done():
+                            job.future.set_exception(e)
+                    continue
+                for job, result in zip(group, results):
+                    if not job.future.done():
+                        job.future.set_result(result)

@@ -1,0 +1,75 @@
+"""`productvlm serve` and `productvlm export`: plain typer command functions the main CLI registers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def serve_command(
+    model: Path = typer.Option(..., "--model", help="Model, LoRA adapter or run folder."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 exposes it to the network)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    max_batch_size: int = typer.Option(8, min=1, help="Requests per model.generate call."),
+    batch_wait_ms: float = typer.Option(10.0, min=0, help="How long the first request waits for others."),
+    no_batching: bool = typer.Option(False, "--no-batching", help="One request per generate call."),
+    max_queue: int = typer.Option(256, min=1, help="Requests waiting beyond this get 503."),
+    max_tokens: int = typer.Option(1024, min=1, help="Largest max_tokens a request may ask for."),
+    max_images: int = typer.Option(4, min=1, help="Images per request."),
+    max_pixels: int = typer.Option(20_000_000, min=1, help="Pixels per image (checked before decoding)."),
+    max_body_mb: float = typer.Option(20.0, min=0.001, help="Request body size limit, MiB."),
+    allow_remote_images: bool = typer.Option(
+        False, "--allow-remote-images", help="Fetch http(s) image URLs (public addresses only)."
+    ),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:1 ... or auto (cuda when there is one)."),
+) -> None:
+    """Serve the model over HTTP: OpenAI-compatible chat completions, a catalog endpoint and a page."""
+    import torch
+    import uvicorn
+
+    from productvlm.models.loading import DTYPES
+    from productvlm.serving.app import ServeSettings, app_from_folder
+    from productvlm.serving.images import ImageLimits
+
+    if dtype not in DTYPES:
+        from productvlm.errors import UserError
+
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = ServeSettings(
+        model_name=model.resolve().parent.name if model.name == "final" else model.resolve().name,
+        max_batch_size=1 if no_batching else max_batch_size,
+        batch_wait_ms=0.0 if no_batching else batch_wait_ms,
+        max_queue=max_queue,
+        max_tokens_limit=max_tokens,
+        max_images=max_images,
+        max_body_bytes=int(max_body_mb * 1024 * 1024),
+        allow_remote_images=allow_remote_images,
+        images=ImageLimits(max_pixels=max_pixels),
+    )
+    app = app_from_folder(model, settings, dtype=dtype, device=device)
+    batching = "off" if settings.max_batch_size == 1 else f"up to {settings.max_batch_size}"
+    console.print(f"serving {model} on http://{host}:{port}  (device {device}, batching {batching})")
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def export_command(
+    model: Path = typer.Option(..., "--model", help="Model, LoRA adapter or run folder."),
+    out: Path = typer.Option(..., "--out", help="Folder to write (official Phi-3-V layout)."),
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="Merge a LoRA adapter into its base."),
+    dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+) -> None:
+    """Write a standalone model folder in the official layout (config.json phi3_v, safetensors, processor)."""
+    from productvlm.models.export import export_model
+
+    with console.status(f"exporting {model} -> {out}"):
+        written = export_model(model, out, merge_lora=merge_lora, dtype=dtype, overwrite=overwrite)
+    files = sorted(p.name for p in written.iterdir())
+    console.print(f"wrote {written}: {', '.join(files)}")
