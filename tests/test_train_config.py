@@ -99,3 +99,17 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 def test_shipped_configs_are_valid(name):
     cfg = load_config(CONFIGS / name)
     assert cfg.output_dir
+
+
+@pytest.mark.parametrize("ratio, steps", [(0.03, 3), (0.0, 0), (0.5, 50)])
+def test_warmup_ratio_is_a_share_of_the_total_steps(tmp_path, ratio, steps):
+    """TrainingArguments.warmup_steps reads a float below 1 as a ratio (transformers 5); guard that."""
+    from productvlm.training.run import training_args
+
+    cfg = load_config(None, [f"train.warmup_ratio={ratio}", "train.precision=fp32"])
+    assert training_args(cfg, tmp_path, []).get_warmup_steps(100) == steps
+
+
+def test_pack_length_below_the_sample_budget_is_rejected():
+    with pytest.raises(UserError, match=r"train\.pack_length 100 is below data\.max_tokens_per_sample 256"):
+        load_config(CONFIGS / "tiny-cpu.yaml", ["train.packing=true", "train.pack_length=100"])

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from productvlm.config import load_config
+from productvlm.data.folder import read_split
 from productvlm.data.synth import synthesize
 from productvlm.errors import UserError
 from productvlm.models.phi3v import Phi3VForCausalLM
@@ -22,6 +23,7 @@ TRACKER_ENV = [
     "WANDB_DIR",
     "WANDB_PROJECT",
     "WANDB_SILENT",
+    "WANDB_DATA_DIR",
     "MLFLOW_TRACKING_URI",
     "MLFLOW_EXPERIMENT_NAME",
     "MLFLOW_ALLOW_FILE_STORE",
@@ -103,10 +105,14 @@ def test_run_folder_and_final_model(data_dir, tmp_path):
     assert (run / "config.yaml").read_text() == load_config(run / "config.yaml").to_yaml()
     model = Phi3VForCausalLM.from_pretrained(result.final_dir)
     assert model.config.model_type == "phi3_v"
+    assert model.config.use_cache  # Trainer turns the cache off for training; the final model has it back
     assert {"tokenizer.json", "preprocessor_config.json", "config.json"} <= {
         p.name for p in result.final_dir.iterdir()
     }
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    data, log = log[0], log[1:]
+    assert data["step"] == 0 and data["data/samples"] == len(read_split(data_dir, "train"))
+    assert 0.0 < data["data/padding_share"] < 1.0  # random batches of photos of different sizes
     assert {"loss", "learning_rate"} <= set(log[0])
     evals = [e for e in log if "eval_category_accuracy" in e]
     assert [e["step"] for e in evals] == [4, 8]
@@ -170,10 +176,12 @@ def test_wandb_offline_run_files_hold_the_metrics(data_dir, tmp_path):
     )
     assert os.environ["WANDB_MODE"] == "offline"
     (store,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
-    history, config_keys = {}, set()
+    history, config_keys, tables = {}, set(), []
     for record in wandb_records(store):
         kind = record.WhichOneof("record_type")
-        if kind == "history":
+        if kind == "artifact" and record.artifact.type == "run_table":
+            tables.append({e.path: Path(e.local_path) for e in record.artifact.manifest.contents})
+        elif kind == "history":
             history.update(
                 {
                     item.key or "/".join(item.nested_key): json.loads(item.value_json)
@@ -185,6 +193,29 @@ def test_wandb_offline_run_files_hold_the_metrics(data_dir, tmp_path):
     assert 0.0 <= history["eval/category_accuracy"] <= 1.0 and history["eval/n"] == 4
     assert {"train/loss", "eval/price_mape", "eval/title_token_f1", "eval/parse_rate"} <= set(history)
     assert "productvlm" in config_keys
+    # the eval sample table: a wandb.Table with one row per validation row, images as wandb.Image
+    assert history["eval/samples/_type"] == "table-file"
+    (files,) = tables  # staged inside RUN/wandb, synced with the run
+    assert all(run / "wandb" in p.parents for p in files.values())
+    table = json.loads(files["eval/samples.table.json"].read_text())
+    assert table["columns"] == ["step", "file_name", "image", "truth", "prediction"]
+    assert [(r[0], r[1], r[3], r[4]) for r in table["data"]] == eval_samples(run)
+    images = [r[2] for r in table["data"]]
+    assert all(i["_type"] == "image-file" and files[i["path"]].is_file() for i in images)
+
+
+def eval_samples(run: Path) -> list[tuple]:
+    """RUN/eval_samples.jsonl as (step, file_name, truth, prediction), checked against the validation rows."""
+    lines = [json.loads(line) for line in (run / "eval_samples.jsonl").read_text().splitlines()]
+    rows = {r["file_name"]: r for r in read_split(load_config(run / "config.yaml").data.dir, "validation")}
+    for s in lines:
+        row = rows[s["file_name"]]
+        assert (
+            s["truth"]
+            == f"Product: {row['title']}, Category: {row['category3_code']}, Full Price: {row['full_price']}"
+        )
+    assert len(lines) == 4 and all(isinstance(s["prediction"], str) for s in lines)
+    return [(s["step"], s["file_name"], s["truth"], s["prediction"]) for s in lines]
 
 
 def test_mlflow_local_store_holds_the_metrics(data_dir, tmp_path):
@@ -204,3 +235,14 @@ def test_mlflow_local_store_holds_the_metrics(data_dir, tmp_path):
     history = client.get_metric_history(found.info.run_id, "eval_category_accuracy")
     assert [m.step for m in history] == [4] and 0.0 <= history[0].value <= 1.0
     assert len(client.get_metric_history(found.info.run_id, "loss")) == 4
+    assert float(found.data.params["data.padding_share"]) > 0
+    # the eval sample table: mlflow.log_table with the images stored as artifacts
+    table = json.loads(
+        Path(client.download_artifacts(found.info.run_id, "eval_samples.json", tmp_path)).read_text()
+    )
+    columns = table["columns"]
+    records = [dict(zip(columns, r)) for r in table["data"]]
+    assert [(r["step"], r["file_name"], r["truth"], r["prediction"]) for r in records] == eval_samples(run)
+    for r in records:
+        assert r["image"]["type"] == "image"
+        assert Path(client.download_artifacts(found.info.run_id, r["image"]["filepath"], tmp_path)).is_file()

@@ -67,6 +67,8 @@ class TrainConfig(Section):
     save_total_limit: int | None = Field(3, ge=1)
     log_steps: int = Field(10, ge=1)
     group_by_length: bool = True
+    packing: bool = Field(False, description="several samples per row; batch_size then counts rows (packs)")
+    pack_length: int = Field(4096, ge=8, description="tokens per packed row (>= data.max_tokens_per_sample)")
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     gradient_checkpointing: bool = False
     merge_final: bool = False
@@ -99,6 +101,11 @@ class Config(Section):
     def _check(self) -> Config:
         if self.train.precision == "fp16" and self.model.dtype == "bfloat16":
             raise ValueError("train.precision fp16 with model.dtype bfloat16: use bf16, or dtype float32")
+        if self.train.packing and self.train.pack_length < self.data.max_tokens_per_sample:
+            raise ValueError(
+                f"train.pack_length {self.train.pack_length} is below data.max_tokens_per_sample "
+                f"{self.data.max_tokens_per_sample}: a sample must fit in a pack; raise pack_length"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,7 +138,9 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
 
 
 def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in error["loc"]) or "config"
+    if not error["loc"]:  # a check across sections: its message names the keys
+        return error["msg"].removeprefix("Value error, ")
+    key = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"
     return f"{key}: {error['msg']} (got {error.get('input')!r})"

@@ -31,6 +31,12 @@ def train(
     result = run_train(cfg, resume=resume)
     if result.resumed_from:
         console.print(f"resumed from {result.resumed_from}")
+    if result.data:
+        rows = f", {result.data['packs']} packed rows" if "packs" in result.data else ""
+        console.print(
+            f"data: {result.data['samples']} samples{rows}, padding "
+            f"{result.data['padding_share']:.1%} of the batch token slots"
+        )
     console.print(summary_table(result.metrics))
     console.print(
         f"[bold green]done[/] in {result.seconds:.0f}s, {result.steps} steps -> "

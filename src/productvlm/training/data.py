@@ -3,12 +3,20 @@
 One sample is `<prompt with image slots><answer><|end|>`; labels are -100 on the prompt, the image
 slots and the padding, so the loss is on the answer tokens and the closing `<|end|>` only. Token
 counts are computed from the image size alone (no pixel decoding), which gives the per-sample
-budget check up front and the lengths for length-grouped batching.
+budget check up front and the lengths for length-grouped batching and packing.
+
+Packing (`train.packing`) puts several samples into one row of up to `train.pack_length` tokens.
+A packed batch carries `position_ids` that restart at 0 for every sample and no attention_mask:
+transformers' masking utilities (`find_packed_sequence_indices`) then build a block-diagonal
+causal mask from the restarts, so no token attends across samples, and RoPE (LongRoPE included,
+which picks its factors from the largest position) sees each sample's own positions. The loss is
+the same token mean as in a padded batch of the same samples (tested, with the gradients).
 """
 
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from productvlm.errors import UserError
 
@@ -143,3 +152,128 @@ class Collator:
             "pixel_values": images["pixel_values"],
             "image_sizes": images["image_sizes"],
         }
+
+
+# ---------------------------------------------------------------- packing
+
+
+def pack_samples(lengths: Sequence[int], pack_length: int, seed: int) -> list[list[int]]:
+    """Sample indices grouped into packs of at most `pack_length` tokens (first-fit decreasing).
+
+    Longest first, each into the first pack with room: close to the fewest packs, and a pure
+    function of (lengths, pack_length, seed); the seed orders samples of equal length, so packs
+    differ between seeds. The packs are fixed for the run (the sampler shuffles them each epoch),
+    which keeps the number of steps per epoch constant and a resumed run's batches the same.
+    """
+    g = torch.Generator().manual_seed(seed)
+    shuffled = torch.randperm(len(lengths), generator=g).tolist()
+    order = sorted(shuffled, key=lambda i: -lengths[i])  # stable: ties keep the seeded order
+    packs: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        if lengths[i] > pack_length:
+            raise ValueError(f"sample {i} has {lengths[i]} tokens, over pack_length={pack_length}")
+        slot = next((k for k, free in enumerate(room) if free >= lengths[i]), None)
+        if slot is None:
+            packs.append([i])
+            room.append(pack_length - lengths[i])
+        else:
+            packs[slot].append(i)
+            room[slot] -= lengths[i]
+    return packs
+
+
+class PackedDataset(Dataset):
+    """Packs of `CatalogDataset` samples; an item is `{"pack": [sample, ...]}` for `PackCollator`."""
+
+    def __init__(self, samples: CatalogDataset, pack_length: int, seed: int):
+        self.samples = samples
+        self.packs = pack_samples(samples.lengths, pack_length, seed)
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    @property
+    def lengths(self) -> list[int]:
+        sizes = self.samples.lengths
+        return [sum(sizes[i] for i in pack) for pack in self.packs]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"pack": [self.samples[j] for j in self.packs[i]]}
+
+
+class PackCollator(Collator):
+    """Concatenates each pack's samples into one row; rows are right-padded to the longest.
+
+    `position_ids` restart at 0 at every sample; padding tokens all get position 0, which makes each
+    one a segment of its own (it attends only to itself, has no labels, and cannot raise the
+    largest position, from which LongRoPE picks its factors for the whole batch). No attention_mask is returned:
+    with one, transformers would not look for packed segments. Labels are -100 on each sample's
+    first token, so the last token of a sample is never trained to predict the next sample.
+    pixel_values hold every image of the batch in row order, which is the order of the image
+    slots that `Phi3VModel.embed` fills.
+    """
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = [f["pack"] for f in features]
+        width = max(sum(len(s["input_ids"]) for s in row) for row in rows)
+        shape = (len(rows), width)
+        input_ids = torch.full(shape, self.processor.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        for b, row in enumerate(rows):
+            at = 0
+            for s in row:
+                n = len(s["input_ids"])
+                input_ids[b, at : at + n] = torch.tensor(s["input_ids"])
+                labels[b, at + 1 : at + n] = torch.tensor(s["labels"][1:])
+                position_ids[b, at : at + n] = torch.arange(n)
+                at += n
+        images = self.processor.image_processor(
+            [s["image"] for row in rows for s in row], num_crops=self.num_crops, return_tensors="pt"
+        )
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "pixel_values": images["pixel_values"],
+            "image_sizes": images["image_sizes"],
+        }
+
+
+# ---------------------------------------------------------------- batch order and padding
+
+
+def length_grouped_order(lengths: Sequence[int], group_size: int, seed: int) -> list[int]:
+    """transformers' length-grouped order (megabatches of 50 groups, sorted longest first), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return get_length_grouped_indices(list(lengths), group_size, generator=g)
+
+
+def padding_share(
+    lengths: Sequence[int],
+    batch_size: int,
+    *,
+    group_by_length: bool = False,
+    packing: bool = False,
+    pack_length: int = 4096,
+    seed: int = 0,
+) -> float:
+    """Share of the token slots in one epoch's batches that are padding (computed for nothing).
+
+    `lengths` are tokens per sample (`CatalogDataset.lengths`). Batches follow the training order:
+    random (`group_by_length=False`), length-grouped, or, with `packing`, packs of up to
+    `pack_length` tokens in random order; every row is padded to its batch's longest row.
+    """
+    if not lengths:
+        return 0.0
+    if packing:
+        packs = pack_samples(lengths, pack_length, seed)
+        lengths = [sum(lengths[i] for i in pack) for pack in packs]
+    if group_by_length:
+        order = length_grouped_order(lengths, batch_size, seed)
+    else:
+        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    slots = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    return 1.0 - sum(lengths) / slots

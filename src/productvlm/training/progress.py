@@ -51,6 +51,10 @@ class RichProgress(TrainerCallback):
             )
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """Stop the live display (train() calls it also when training ends with an error)."""
         if self.progress is not None:
             self.progress.stop()
             self.progress = None

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import PrinterCallback, TrainerCallback, TrainingArguments, set_seed
 
 from productvlm.config import Config
 from productvlm.errors import UserError
-from productvlm.training.data import CatalogDataset, Collator
+from productvlm.training.data import CatalogDataset, Collator, PackCollator, PackedDataset, padding_share
 from productvlm.training.progress import RichProgress
 from productvlm.training.tracking import finish_tracking, setup_tracking
 from productvlm.training.trainer import (
@@ -20,6 +22,7 @@ from productvlm.training.trainer import (
     EXTRA_TRAINABLES,
     FINAL,
     LOG,
+    SAMPLES,
     EvalAtEnd,
     JsonlLog,
     LogConfig,
@@ -43,6 +46,7 @@ class RunResult:
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
     resumed_from: Path | None = None
+    data: dict[str, float] = field(default_factory=dict)
 
 
 def prepare_run_dir(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
@@ -67,6 +71,11 @@ def prepare_run_dir(cfg: Config, resume: bool) -> tuple[Path, Path | None]:
     run.mkdir(parents=True, exist_ok=True)
     config_file.write_text(cfg.to_yaml(), encoding="utf-8")
     return run, checkpoint
+
+
+def cpu_only() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return not (accelerator.is_available() if accelerator else torch.cuda.is_available())
 
 
 def training_args(cfg: Config, run: Path, report_to: list[str]) -> TrainingArguments:
@@ -99,6 +108,7 @@ def training_args(cfg: Config, run: Path, report_to: list[str]) -> TrainingArgum
         report_to=report_to,
         remove_unused_columns=False,
         dataloader_num_workers=t.num_workers,
+        use_cpu=cpu_only(),  # without it, accelerate ignores torchrun on a machine with no accelerator
         disable_tqdm=True,
     )
 
@@ -106,55 +116,113 @@ def training_args(cfg: Config, run: Path, report_to: list[str]) -> TrainingArgum
 def train(
     cfg: Config, resume: bool = False, callbacks: list[TrainerCallback] | None = None, progress: bool = True
 ) -> RunResult:
+    """Run `cfg` to RUN/final. Under torchrun/accelerate launch every process calls this; the main
+    process owns the run folder (config, base model, logs, final model)."""
     t0 = time.perf_counter()
-    run, checkpoint = prepare_run_dir(cfg, resume)
-    report_to = setup_tracking(cfg.tracking, run)
-    set_seed(cfg.train.seed)
-    model, processor = load_model(cfg, model_dir(cfg, run))
+    state = PartialState(cpu=cpu_only())  # under torchrun, sets up the process group
+    with state.main_process_first():
+        if state.is_main_process:
+            run, checkpoint = prepare_run_dir(cfg, resume)
+        else:
+            run = Path(cfg.output_dir)
+            found = complete_checkpoints(run / CHECKPOINTS) if resume else []
+            checkpoint = found[-1] if found else None
+        report_to = setup_tracking(cfg.tracking, run)
+        set_seed(cfg.train.seed)
+        model, processor = load_model(cfg, model_dir(cfg, run))
+    use_cache = model.config.use_cache  # Trainer turns it off for training; the final model gets it back
     encoder = make_encoder(cfg, processor)
     train_rows = rows_of(cfg, "train")[: cfg.data.max_train_rows]
-    train_ds = CatalogDataset(train_rows, encoder, cfg.data.blank_images)
+    train_ds, collator, data = datasets(
+        cfg, CatalogDataset(train_rows, encoder, cfg.data.blank_images), processor
+    )
     eval_rows = rows_of(cfg, "validation")[: cfg.eval.subset]
     set_seed(cfg.train.seed)  # LoRA init
     model = apply_method(model, cfg)
-    if resume:
-        truncate_log(run / LOG, int(checkpoint.name.split("-")[1]) if checkpoint else 0)
+    if state.is_main_process:
+        if resume:
+            step = int(checkpoint.name.split("-")[1]) if checkpoint else 0
+            truncate_log(run / LOG, step)
+            truncate_log(run / SAMPLES, step)
+        else:
+            with open(run / LOG, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": 0, **{f"data/{k}": v for k, v in data.items()}}) + "\n")
+    bar = RichProgress() if progress else None
     trainer = RunTrainer(
         model=model,
         args=training_args(cfg, run, report_to),
         train_dataset=train_ds,
         eval_dataset=eval_rows or None,
-        data_collator=Collator(processor, cfg.data.num_crops),
+        data_collator=collator,
         processing_class=processor,
         callbacks=[
             JsonlLog(run / LOG),
-            LogConfig(cfg, run),
+            LogConfig(cfg, run, data),
             EvalAtEnd(bool(eval_rows)),
-            *([RichProgress()] if progress else []),
+            *([bar] if bar else []),
             *(callbacks or []),
         ],
         run_cfg=cfg,
         eval_rows=eval_rows,
     )
-    if progress:
+    if bar:
         trainer.remove_callback(PrinterCallback)  # the rich bar shows loss and eval metrics instead
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        if bar:
+            bar.close()  # also when training stops with an error
+        finish_tracking(cfg.tracking)
     metrics = next((h for h in reversed(trainer.state.log_history) if "eval_n" in h), {})
-    final = save_final(trainer, processor, cfg, run)
-    finish_tracking(cfg.tracking)
+    final = save_final(trainer, processor, cfg, run, use_cache)
     return RunResult(
-        run, final, output.global_step, time.perf_counter() - t0, {**output.metrics, **metrics}, checkpoint
+        run,
+        final,
+        output.global_step,
+        time.perf_counter() - t0,
+        {**output.metrics, **metrics},
+        checkpoint,
+        data,
     )
 
 
-def save_final(trainer: RunTrainer, processor, cfg: Config, run: Path) -> Path:
+def datasets(cfg: Config, samples: CatalogDataset, processor):
+    """The train dataset and collator (packed or not) and what one epoch's batches look like."""
+    t = cfg.train
+    lengths = samples.lengths
+    data = {
+        "samples": len(samples),
+        "tokens": sum(lengths),
+        "padding_share": padding_share(
+            lengths,
+            t.batch_size,
+            group_by_length=t.group_by_length,
+            packing=t.packing,
+            pack_length=t.pack_length,
+            seed=t.seed,
+        ),
+    }
+    if not t.packing:
+        return samples, Collator(processor, cfg.data.num_crops), data
+    packed = PackedDataset(samples, t.pack_length, t.seed)
+    data["packs"] = len(packed)
+    return packed, PackCollator(processor, cfg.data.num_crops), data
+
+
+def save_final(trainer: RunTrainer, processor, cfg: Config, run: Path, use_cache: bool = True) -> Path:
     """RUN/final in the official layout: full weights, or (LoRA) the adapter, plus merged weights
-    when train.merge_final. Written under a temporary name and renamed into place."""
+    when train.merge_final. Written by the main process under a temporary name, renamed into place."""
     from peft import PeftModel
 
     final, tmp = run / FINAL, run / f".{FINAL}.tmp"
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():
+        trainer.accelerator.wait_for_everyone()
+        return final
     shutil.rmtree(tmp, ignore_errors=True)
     model = trainer.accelerator.unwrap_model(trainer.model)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base.config.use_cache = use_cache
     if isinstance(model, PeftModel):
         adapter = tmp / "adapter" if cfg.train.merge_final else tmp
         model.save_pretrained(adapter)
@@ -171,6 +239,7 @@ def save_final(trainer: RunTrainer, processor, cfg: Config, run: Path) -> Path:
         processor.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    trainer.accelerator.wait_for_everyone()
     return final
 
 

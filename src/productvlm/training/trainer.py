@@ -6,6 +6,7 @@ RUN/
   checkpoints/step-N/    Trainer checkpoints, each renamed into place when complete
   final/                 the model in the official layout with the processor files (see save_final)
   train_log.jsonl        one JSON object per log/eval event: step, loss, lr, eval_* metrics
+  eval_samples.jsonl     per eval: step, file_name, truth and prediction of every validation-subset row
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from productvlm.config import Config
 from productvlm.data.folder import read_split
 from productvlm.errors import UserError
 from productvlm.models.phi3v import Phi3VForCausalLM, Phi3VProcessor
-from productvlm.training.data import Encoder
+from productvlm.training.data import Encoder, length_grouped_order, render
 from productvlm.training.evaluate import generate_answers, score
+from productvlm.training.tracking import log_eval_samples
 
-CHECKPOINTS, FINAL, LOG = "checkpoints", "final", "train_log.jsonl"
+CHECKPOINTS, FINAL, LOG, SAMPLES = "checkpoints", "final", "train_log.jsonl", "eval_samples.jsonl"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 EXTRA_TRAINABLES = "extra_trainables.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -132,8 +134,11 @@ class EpochLengthSampler(LengthGroupedSampler):
         self.epoch = epoch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
+        return iter(length_grouped_order(self.lengths, self.batch_size, self.seed + self.epoch))
+
+
+class TrainingDiverged(UserError):
+    """The loss or the weights became NaN/inf; nothing from that step on was saved."""
 
 
 # ---------------------------------------------------------------- trainer
@@ -162,21 +167,32 @@ class RunTrainer(Trainer):
         return super()._run_epoch(**kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Write the checkpoint under a staging name, then rename it to checkpoints/step-N (atomic)."""
+        """Write the checkpoint under a staging name, then rename it to checkpoints/step-N (atomic).
+
+        Every process writes into the staging folder (its RNG state at least); the main process
+        renames it once all have finished. The run folder must be on storage all processes share.
+        """
+        self._check_finite_weights(model)
         root = Path(self.args.output_dir)
         staging = root / ".staging"
-        shutil.rmtree(staging, ignore_errors=True)
+        main = self.is_world_process_zero()
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         self._staging = str(staging)
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = None
-        written = staging / f"checkpoint-{self.state.global_step}"
-        target = root / f"step-{self.state.global_step:06d}"
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(written, target)
-        shutil.rmtree(staging, ignore_errors=True)
-        _rotate(root, self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()
+        if main:
+            written = staging / f"checkpoint-{self.state.global_step}"
+            target = root / f"step-{self.state.global_step:06d}"
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(written, target)
+            shutil.rmtree(staging, ignore_errors=True)
+            _rotate(root, self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()
 
     def _get_output_dir(self, trial) -> str:
         return getattr(self, "_staging", None) or super()._get_output_dir(trial)
@@ -196,28 +212,88 @@ class RunTrainer(Trainer):
                 for name, value in load_file(path).items():
                     params[name].copy_(value)
 
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """A step whose loss is NaN/inf (on any process) stops the run before the optimizer uses it.
+
+        This costs one device sync per micro-batch, the price of never stepping or saving past a NaN.
+        """
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        losses = self.accelerator.gather(loss.detach().reshape(1))
+        if not torch.isfinite(losses).all():
+            bad = losses[~torch.isfinite(losses)][0].item()
+            self._diverged(f"the loss is {bad}", self.state.global_step + 1)
+        return loss
+
+    def _check_finite_weights(self, model) -> None:
+        """Refuse to checkpoint NaN/inf weights (e.g. an inf gradient that clipping turned into NaN)."""
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        flags = torch.stack([torch.isfinite(p).all() for _, p in trainable]) if trainable else None
+        if flags is None:
+            return
+        if not self.accelerator.gather(flags.all().reshape(1)).all():
+            names = [n for (n, _), ok in zip(trainable, flags.tolist()) if not ok]
+            where = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") or "on another process"
+            self._diverged(f"weights are NaN/inf ({where})", self.state.global_step)
+
+    def _diverged(self, what: str, step: int) -> None:
+        good = complete_checkpoints(Path(self.args.output_dir))
+        kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint had been written yet"
+        raise TrainingDiverged(
+            f"training diverged at step {step}: {what}. Nothing from this step on was saved; {kept}. "
+            f"Lower train.lr (now {self.run_cfg.train.lr:g}), raise train.warmup_ratio, or use precision "
+            "bf16/fp32 instead of fp16, then start a new run"
+        )
+
     def evaluate(
         self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
-        """Generate on the fixed validation subset, parse, score; logged like any Trainer metric."""
+        """Generate on the fixed validation subset, parse, score; logged like any Trainer metric.
+
+        With several processes each generates a contiguous share of the rows; the answers are
+        gathered back in order, so every process computes the same metrics.
+        """
         if not self.eval_rows:
             return {}
         model = self.accelerator.unwrap_model(self.model)
         c = self.run_cfg
-        answers = generate_answers(
-            model,
-            self.processing_class,
-            make_encoder(c, self.processing_class),
-            self.eval_rows,
-            c.eval.max_new_tokens,
-            c.eval.batch_size,
-            c.data.blank_images,
-        )
+        with self.accelerator.split_between_processes(self.eval_rows) as share:
+            answers = generate_answers(
+                model,
+                self.processing_class,
+                make_encoder(c, self.processing_class),
+                share,
+                c.eval.max_new_tokens,
+                c.eval.batch_size,
+                c.data.blank_images,
+            )
+        if self.args.world_size > 1:
+            from accelerate.utils import gather_object
+
+            answers = gather_object(answers)
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in score(self.eval_rows, answers).items()}
         self.log(metrics)
+        if self.is_world_process_zero():
+            self._log_samples(answers)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self.last_eval = (metrics, answers)
         return metrics
+
+    def _log_samples(self, answers: list[str]) -> None:
+        """Image, truth and prediction per validation row: to RUN/eval_samples.jsonl and the tracker."""
+        step, template = self.state.global_step, self.run_cfg.data.answer
+        samples = [
+            {
+                "step": step,
+                "file_name": row["file_name"],
+                "image_path": str(row["image_path"]),
+                "truth": render(template, row, "answer"),
+                "prediction": answer,
+            }
+            for row, answer in zip(self.eval_rows, answers)
+        ]
+        with open(Path(self.run_cfg.output_dir) / SAMPLES, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+        log_eval_samples(self.run_cfg.tracking.backend, step, samples, self.callback_handler.callbacks)
 
 
 def _rotate(root: Path, limit: int | None) -> None:
@@ -253,8 +329,8 @@ class JsonlLog(TrainerCallback):
 class LogConfig(TrainerCallback):
     """Adds the resolved config and a model summary to the tracker's run (after its callback started it)."""
 
-    def __init__(self, cfg: Config, run: Path):
-        self.cfg, self.run = cfg, run
+    def __init__(self, cfg: Config, run: Path, data: dict[str, float] | None = None):
+        self.cfg, self.run, self.data = cfg, run, data or {}
 
     def summary(self, model) -> dict[str, Any]:
         params = list(model.parameters())
@@ -276,12 +352,14 @@ class LogConfig(TrainerCallback):
             if wandb.run is not None:
                 wandb.config.update({"productvlm": self.cfg.to_dict()}, allow_val_change=True)
                 wandb.run.summary.update({f"model/{k}": v for k, v in summary.items()})
+                wandb.run.summary.update({f"data/{k}": v for k, v in self.data.items()})
         elif backend == "mlflow":
             import mlflow
 
             if mlflow.active_run() is not None:
                 mlflow.log_dict(self.cfg.to_dict(), "productvlm_config.json")
                 mlflow.set_tags({f"model.{k}": v for k, v in summary.items()})
+                mlflow.log_params({f"data.{k}": v for k, v in self.data.items()})
 
 
 class EvalAtEnd(TrainerCallback):
