@@ -29,16 +29,25 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 def _register_subcommands() -> None:
     from productvlm.data.cli import app as data_app
     from productvlm.models.cli import app as model_app
+    from productvlm.evaluation.cli import eval_command, predict_command
     from productvlm.serving.cli import export_command, serve_command
     from productvlm.training.cli import train
 
     app.add_typer(data_app, name="data", help="Make, import and inspect catalog datasets.")
     app.add_typer(model_app, name="model", help="Create and inspect Phi-3-V models.")
     app.command("train", help="Fine-tune Phi-3-V on a dataset folder (writes a run folder).")(train)
+    app.command(
+        "eval", help="Score a model on a dataset split: metrics.json, predictions.jsonl, report.html."
+    )(eval_command)
+    app.command("predict", help="Catalog entries for product photos, one JSON line per image.")(
+        predict_command
+    )
     app.command("serve", help="Serve a model over HTTP (OpenAI-compatible API, catalog endpoint, page).")(
         serve_command
     )
-    app.command("export", help="Write a standalone model folder in the official Phi-3-V layout.")(export_command)
+    app.command("export", help="Write a standalone model folder in the official Phi-3-V layout.")(
+        export_command
+    )
 
 
 _register_subcommands()

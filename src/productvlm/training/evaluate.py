@@ -1,19 +1,22 @@
 """Evaluation by generation: greedy answers on left-padded batches, parsed and scored against the rows.
 
 Teacher-forced argmax is not a prediction (it sees the true prefix), so we generate as at inference.
+The scoring itself lives in `productvlm.evaluation.metrics`; here it is flattened for the trainer's logs.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from transformers import LogitsProcessorList
 
-from productvlm.evaluation.parse import Answer, parse_answer
+from productvlm.evaluation import metrics as M
+from productvlm.evaluation.parse import parse_answer
 from productvlm.training.data import Encoder, load_image
+
+token_f1 = M.token_f1
 
 
 @torch.no_grad()
@@ -26,8 +29,10 @@ def generate_answers(
     batch_size: int = 8,
     blank_images: bool = False,
     advance: Callable[[int], None] | None = None,
+    constraint=None,
 ) -> list[str]:
-    """Greedy answers for `rows`, in order."""
+    """Greedy answers for `rows`, in order. `constraint` (an evaluation.constrained.AnswerConstraint)
+    restricts decoding to the answer template."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -40,7 +45,10 @@ def generate_answers(
         )
         inputs = {**batch, "pixel_values": images["pixel_values"], "image_sizes": images["image_sizes"]}
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        extra = (
+            {"logits_processor": LogitsProcessorList([constraint.logits_processor()])} if constraint else {}
+        )
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **extra)
         new = out[:, inputs["input_ids"].shape[1] :]
         answers += processor.batch_decode(new, skip_special_tokens=True)
         if advance:
@@ -49,58 +57,33 @@ def generate_answers(
     return answers
 
 
-def _tokens(text: str | None) -> list[str]:
-    return re.findall(r"\w+", (text or "").lower())
-
-
-def token_f1(pred: str | None, truth: str) -> float:
-    p, t = _tokens(pred), _tokens(truth)
-    if not p or not t:
-        return float(p == t)
-    common = sum(min(p.count(w), t.count(w)) for w in set(p))
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(p), common / len(t)
-    return 2 * precision * recall / (precision + recall)
+def _nan(x: float | None) -> float:
+    return float("nan") if x is None else x
 
 
 def score(rows: list[dict[str, Any]], answers: list[str]) -> dict[str, float]:
-    """Category accuracy, price MAPE/MAE (over answers with a price), title token-F1, parse rate.
-
-    A missing category counts as wrong, a missing title scores F1 0; `price_n` says how many
-    answers had a price, so a model that omits prices cannot look accurate unnoticed.
-    """
-    parsed: list[Answer] = [parse_answer(a) for a in answers]
-    n = len(rows)
-    if n == 0:
+    """Flat figures for the training log: category accuracy, price MAPE/MAE (over answers with a
+    price; `price_n` says how many), title token-F1, parse rate. No bootstrap: this runs during training."""
+    if not rows:
         return {}
-    correct = sum(p.category == str(r["category3_code"]).upper() for p, r in zip(parsed, rows))
-    errors = [
-        (abs(p.price - float(r["full_price"])), float(r["full_price"]))
-        for p, r in zip(parsed, rows)
-        if p.price is not None and math.isfinite(p.price)
-    ]
-    ape = [e / t for e, t in errors if t > 0]
+    m = M.score_answers(rows, [parse_answer(a) for a in answers])
     return {
-        "n": n,
-        "parse_rate": sum(p.complete for p in parsed) / n,
-        "category_accuracy": correct / n,
-        "price_mape": sum(ape) / len(ape) if ape else float("nan"),
-        "price_mae": sum(e for e, _ in errors) / len(errors) if errors else float("nan"),
-        "price_n": len(errors),
-        "title_token_f1": sum(token_f1(p.title, str(r["title"])) for p, r in zip(parsed, rows)) / n,
+        "n": m["n"],
+        "parse_rate": m["parse_rate"],
+        "category_accuracy": m["category"]["accuracy"],
+        "price_mape": _nan(m["price"]["mape"]),
+        "price_mae": _nan(m["price"]["mae"]),
+        "price_n": m["price"]["n"],
+        "title_token_f1": m["title"]["token_f1"],
     }
 
 
 def baselines(train_rows: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Majority-category accuracy and train-mean-price MAPE on `rows`: what a model must beat."""
-    cats = [r["category3_code"] for r in train_rows]
-    majority = max(set(cats), key=cats.count)
-    mean_price = sum(float(r["full_price"]) for r in train_rows) / len(train_rows)
+    """Majority-category accuracy and train-mean-price MAPE on `rows` (plus the per-true-category median
+    price MAPE): what a model must beat."""
+    b = M.baselines(train_rows, rows)
     return {
-        "majority_category_accuracy": sum(r["category3_code"] == majority for r in rows) / len(rows),
-        "mean_price_mape": sum(
-            abs(mean_price - float(r["full_price"])) / float(r["full_price"]) for r in rows
-        )
-        / len(rows),
+        "majority_category_accuracy": b["majority_category"]["category"]["accuracy"],
+        "mean_price_mape": _nan(b["mean_price"]["price"]["mape"]),
+        "median_price_per_category_mape": _nan(b["median_price_per_true_category"]["price"]["mape"]),
     }

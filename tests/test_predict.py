@@ -1,0 +1,97 @@
+"""`predict` on image files and on a CSV, through the command function on a local typer app."""
+
+import csv
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+import eval_helpers
+from productvlm.data.folder import read_split
+from productvlm.errors import UserError
+from productvlm.evaluation.cli import predict_command
+
+app = typer.Typer()
+app.command("predict")(predict_command)
+app.command("noop")(lambda: None)  # two commands, so the verb is spelled out as with the main app
+FIELDS = {"file", "title", "category", "price", "raw"}
+
+
+@pytest.fixture(scope="session")
+def eval_catalog(tmp_path_factory):
+    return eval_helpers.catalog(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="session")
+def eval_run(tmp_path_factory):
+    return eval_helpers.run(tmp_path_factory.getbasetemp())
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, ["predict", *map(str, args)])
+    return result
+
+
+def test_predict_images_to_stdout(eval_run, eval_catalog):
+    images = [r["image_path"] for r in read_split(eval_catalog, "test")[:3]]
+    result = invoke(*images, "--model", eval_run, "--batch-size", 2)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["file"] for r in records] == images
+    assert all(set(r) == FIELDS and isinstance(r["raw"], str) for r in records)
+
+
+def test_predict_csv_with_relative_paths_to_file(eval_run, eval_catalog, tmp_path):
+    rows = read_split(eval_catalog, "validation")[:4]
+    table = eval_catalog / "validation" / "photos.csv"
+    with open(table, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sku", "photo"])
+        writer.writerows([r["product_code"], r["file_name"]] for r in rows)  # relative to the CSV
+    out = tmp_path / "preds.jsonl"
+    result = invoke("--model", eval_run / "final", "--input", table, "--column", "photo", "--output", out)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["file"] for r in records] == [str(table.parent / r["file_name"]) for r in rows]
+    assert all(set(r) == FIELDS for r in records)
+
+
+def test_predict_matches_eval_generation(eval_run, eval_catalog, tmp_path):
+    """Same model, same prompt settings: predict's raw text equals the batched answers of another batch size."""
+    images = [r["image_path"] for r in read_split(eval_catalog, "test")[:3]]
+    one = [
+        json.loads(x)
+        for x in invoke(*images, "--model", eval_run, "-b", 1).stdout.splitlines()
+        if x[:1] == "{"
+    ]
+    three = [
+        json.loads(x)
+        for x in invoke(*images, "--model", eval_run, "-b", 3).stdout.splitlines()
+        if x[:1] == "{"
+    ]
+    assert [r["raw"] for r in one] == [r["raw"] for r in three]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--column", "nope"], "no column 'nope'"),
+        ([], "no column 'image'"),
+    ],
+)
+def test_predict_csv_errors_name_the_column(eval_run, tmp_path, args, message):
+    table = tmp_path / "t.csv"
+    table.write_text("photo\nx.jpg\n")
+    result = invoke("--model", eval_run, "--input", table, *args)
+    assert isinstance(result.exception, UserError) and message in str(result.exception)
+
+
+def test_predict_errors(eval_run, tmp_path):
+    missing = invoke(tmp_path / "nope.jpg", "--model", eval_run)
+    assert isinstance(missing.exception, UserError) and "nope.jpg: no such file" in str(missing.exception)
+    (tmp_path / "bad.jpg").write_text("not an image")
+    bad = invoke(tmp_path / "bad.jpg", "--model", eval_run)
+    assert isinstance(bad.exception, UserError) and "not a readable image" in str(bad.exception)
+    neither = invoke("--model", eval_run)
+    assert isinstance(neither.exception, UserError) and "one of the two" in str(neither.exception)
