@@ -23,3 +23,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from productvlm.models.phi3v.presets import init_model
 
     return init_model("tiny", tmp_path_factory.mktemp("tiny-model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def eval_catalog(tmp_path_factory):
+    """A 60-row synthetic catalog shared by the evaluation, prediction and report tests."""
+    import eval_helpers
+
+    return eval_helpers.catalog(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="session")
+def eval_run(tmp_path_factory):
+    """A tiny run trained for a few steps (a real run folder, not a good model)."""
+    import eval_helpers
+
+    return eval_helpers.run(tmp_path_factory.getbasetemp())

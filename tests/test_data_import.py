@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
@@ -12,17 +11,16 @@ import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from aiohttp import web
 from PIL import Image
 
+from faultserver import ImageServer
 from productvlm.data import folder
 from productvlm.data.fetch import FetchOptions, backoff_delay, parse_retry_after
 from productvlm.data.images import BadImage, ImageLimits, to_dataset_jpeg
@@ -32,81 +30,6 @@ from productvlm.data.synth import synthesize
 from productvlm.errors import UserError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-class ImageServer:
-    """aiohttp server in a background thread; serves `images` under several behaviours, counts requests.
-
-    /img/NAME    the image            /slow/NAME   the image after 0.15 s
-    /stall/NAME  answers after 3 s    /text/NAME   200 with an HTML body
-    /trunc/NAME  the first 60% only   /flaky/NAME  500 once, then the image
-    /busy/NAME   429 + Retry-After: 1 once, then the image        anything else: 404
-    """
-
-    def __init__(self, images: dict[str, bytes]):
-        self.images = images
-        self.counts: Counter[str] = Counter()
-        self.times: dict[str, list[float]] = defaultdict(list)
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        app = web.Application()
-        app.router.add_get("/{mode}/{name}", self._handle)
-        self.runner = web.AppRunner(app, shutdown_timeout=0.5)
-        self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]
-        self._ready.set()
-        self.loop.run_forever()
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        mode, name = request.match_info["mode"], request.match_info["name"]
-        self.counts[request.path] += 1
-        self.times[request.path].append(time.monotonic())
-        first = self.counts[request.path] == 1
-        body = self.images.get(name)
-        if body is None:
-            return web.Response(status=404, text="not found")
-        if mode == "slow":
-            await asyncio.sleep(0.15)
-        elif mode == "stall":
-            await asyncio.sleep(3)
-        elif mode == "text":
-            return web.Response(text="<html>sorry</html>", content_type="text/html")
-        elif mode == "trunc":
-            body = body[: int(len(body) * 0.6)]
-        elif mode == "flaky" and first:
-            return web.Response(status=500, text="oops")
-        elif mode == "busy" and first:
-            return web.Response(status=429, headers={"Retry-After": "1"})
-        elif mode not in ("img", "flaky", "busy"):
-            return web.Response(status=404)
-        return web.Response(body=body, content_type="image/jpeg")
-
-    def __enter__(self) -> ImageServer:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        async def stop() -> None:
-            await self.runner.cleanup()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -2,27 +2,15 @@
 
 import json
 
-import pytest
 import typer
 from typer.testing import CliRunner
 
-import eval_helpers
 from productvlm.data.folder import read_split
 from productvlm.evaluation.cli import eval_command
 
 app = typer.Typer()
 app.command("eval")(eval_command)
 app.command("noop")(lambda: None)
-
-
-@pytest.fixture(scope="session")
-def eval_catalog(tmp_path_factory):
-    return eval_helpers.catalog(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="session")
-def eval_run(tmp_path_factory):
-    return eval_helpers.run(tmp_path_factory.getbasetemp())
 
 
 def test_eval_writes_metrics_predictions_and_report(eval_run, eval_catalog, tmp_path):

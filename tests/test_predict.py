@@ -7,7 +7,6 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-import eval_helpers
 from productvlm.data.folder import read_split
 from productvlm.errors import UserError
 from productvlm.evaluation.cli import predict_command
@@ -16,16 +15,6 @@ app = typer.Typer()
 app.command("predict")(predict_command)
 app.command("noop")(lambda: None)  # two commands, so the verb is spelled out as with the main app
 FIELDS = {"file", "title", "category", "price", "raw"}
-
-
-@pytest.fixture(scope="session")
-def eval_catalog(tmp_path_factory):
-    return eval_helpers.catalog(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="session")
-def eval_run(tmp_path_factory):
-    return eval_helpers.run(tmp_path_factory.getbasetemp())
 
 
 def invoke(*args):

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import eval_helpers
 from productvlm.evaluation.run import evaluate_model
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -17,16 +16,6 @@ pytestmark = pytest.mark.skipif(
     not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
     reason=f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian packages chromium, chromium-driver)",
 )
-
-
-@pytest.fixture(scope="session")
-def eval_catalog(tmp_path_factory):
-    return eval_helpers.catalog(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="session")
-def eval_run(tmp_path_factory):
-    return eval_helpers.run(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")

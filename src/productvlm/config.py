@@ -20,7 +20,7 @@ DECODER_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -122,7 +122,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise UserError(f"--set {item!r}: expected key=value, e.g. --set train.lr=1e-4")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, RecursionError) as e:
         raise UserError(f"--set {key}: value {raw!r} is not valid YAML ({e.__class__.__name__})") from e
     return key.strip().split("."), value
 
@@ -160,7 +160,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {path} not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    except (yaml.YAMLError, RecursionError) as e:
         raise UserError(f"{path}: not valid YAML ({e})") from e
     if data is None:
         return {}

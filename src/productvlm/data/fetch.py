@@ -41,7 +41,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit() alone also accepts "²", which float() refuses
         return float(value)
     try:
         when = parsedate_to_datetime(value).timestamp()
@@ -115,12 +115,16 @@ class Fetcher:
             raise _Retryable("timeout") from None
         except aiohttp.TooManyRedirects:
             raise FetchError("too many redirects") from None
+        except aiohttp.NonHttpUrlRedirectClientError as e:  # e.g. a redirect to file:// or ftp://
+            raise FetchError(f"redirect to a non-http url ({str(e)[:80]})") from None
         except (aiohttp.InvalidURL, ValueError) as e:
             raise FetchError(f"malformed url ({e})") from None
         except aiohttp.ClientResponseError as e:
             raise _Retryable(f"bad response ({e.message})") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
             raise _Retryable(f"connection error ({type(e).__name__})") from None
+        except aiohttp.ClientError as e:  # any other client-side failure is this row's, not the run's
+            raise FetchError(f"request failed ({type(e).__name__})") from None
 
     async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
         chunks, size = [], 0

@@ -10,6 +10,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MIN_SIDE = 16
+# Formats catalog photos come in. Pillow's other decoders are never tried: some are rarely exercised
+# C code, and EPS would hand the downloaded bytes to Ghostscript.
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 _ORIENTATION_TAG = 0x0112
 
 
@@ -30,14 +33,16 @@ def to_dataset_jpeg(data: bytes, limits: ImageLimits = ImageLimits()) -> bytes:
     (decompression-bomb guard). Then the image is decoded fully, so a truncated file is caught. An RGB
     JPEG without an EXIF rotation is kept byte for byte; anything else is converted and re-encoded.
     """
+    if not data:
+        raise BadImage("empty file")
     try:
-        im = Image.open(io.BytesIO(data))  # reads the header only
+        im = Image.open(io.BytesIO(data), formats=_photo_formats())  # reads the header only
     except Image.DecompressionBombError as e:  # Pillow's own limit, above 2 * Image.MAX_IMAGE_PIXELS
         raise BadImage("too many pixels") from e
     except UnidentifiedImageError as e:
         raise BadImage("not an image") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise BadImage(f"corrupt image ({e})") from e
+        raise _unreadable(e) from e
     w, h = im.size
     if w * h > limits.max_pixels:
         raise BadImage(f"too many pixels ({w}x{h})")
@@ -45,14 +50,22 @@ def to_dataset_jpeg(data: bytes, limits: ImageLimits = ImageLimits()) -> bytes:
         raise BadImage(f"image too small ({w}x{h})")
     try:
         im.load()
-    except OSError as e:
-        raise BadImage("truncated image" if "truncated" in str(e) else f"corrupt image ({e})") from e
-    except (SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadImage(f"corrupt image ({e})") from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise _unreadable(e) from e
     rotated = im.getexif().get(_ORIENTATION_TAG, 1) not in (0, 1)
     if im.format == "JPEG" and im.mode == "RGB" and not rotated:
         return data
     return _encode_rgb(ImageOps.exif_transpose(im) if rotated else im)
+
+
+def _unreadable(e: Exception) -> BadImage:
+    # Pillow says "image file is truncated" or "Truncated File Read", depending on where the data ends
+    return BadImage("truncated image" if "truncated" in str(e).lower() else f"corrupt image ({e})")
+
+
+def _photo_formats() -> list[str]:
+    Image.init()
+    return [f for f in PHOTO_FORMATS if f in Image.OPEN]  # AVIF only where Pillow was built with it
 
 
 def _encode_rgb(im: Image.Image) -> bytes:

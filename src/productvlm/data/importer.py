@@ -55,7 +55,12 @@ class ImportResult:
 
     def reasons(self) -> Counter[str]:
         """Failures per reason, details in parentheses dropped ("too many pixels (9000x9000)" -> "too many pixels")."""
-        return Counter(reason.split(" (")[0].split(":")[0] for _, _, reason in self.failures)
+        return Counter(reason_kind(reason) for _, _, reason in self.failures)
+
+
+def reason_kind(reason: str) -> str:
+    """A failure reason without its details: "bad url scheme: ftp" -> "bad url scheme"."""
+    return reason.split(" (")[0].split(":")[0]
 
 
 # ---------------------------------------------------------------- rows
@@ -156,11 +161,14 @@ def place_copies(src: Path, out_dir: Path, job: ImageJob) -> None:
 
 def _read_local(path: str, max_bytes: int) -> bytes:
     p = Path(path)
-    if not p.is_file():
-        raise BadImage("file not found")
-    if p.stat().st_size > max_bytes:
-        raise BadImage(f"too large ({p.stat().st_size} bytes)")
-    return p.read_bytes()
+    try:
+        if not p.is_file():
+            raise BadImage("file not found")
+        if p.stat().st_size > max_bytes:
+            raise BadImage(f"too large ({p.stat().st_size} bytes)")
+        return p.read_bytes()
+    except OSError as e:  # unreadable (permissions, a dangling mount...): this row's failure only
+        raise BadImage(f"cannot read file ({e.strerror or type(e).__name__})") from e
 
 
 def _store(data: bytes, target: Path, limits: ImageLimits) -> None:
@@ -281,7 +289,19 @@ def import_dataset(
         )
     result.failures = sorted(failures)
     result.seconds = time.perf_counter() - t0
+    if not any(result.counts.values()):
+        raise UserError(_nothing_imported(table.source, out_dir, result))
     return result
+
+
+def _nothing_imported(source: str, out_dir: Path, result: ImportResult) -> str:
+    """A dataset with no rows is no dataset: say why, from the most common failure."""
+    (reason, n), *_ = result.reasons().most_common(1)
+    row, _, detail = next(f for f in result.failures if reason_kind(f[2]) == reason)
+    return (
+        f"{source}: none of its {result.source_rows} rows could be imported; {n} failed with '{reason}' "
+        f"(first at row {row}: {detail}). Every row and its reason is in {out_dir / folder.FAILURES_CSV}"
+    )
 
 
 def _dataset_info(

@@ -56,8 +56,14 @@ def parse_mapping(pairs: Iterable[str], image_column: str | None = None) -> dict
 
 
 def check_columns(columns: list[str], mapping: dict[str, str], source: str) -> None:
-    """Every required catalog column must exist in the source (under its mapped name)."""
+    """Every required catalog column must exist in the source (under its mapped name), and once only."""
     present = set(columns)
+    for target, src in mapping.items():
+        if columns.count(src) > 1:  # a CSV reader would silently keep the last one
+            raise UserError(
+                f"{source}: column '{src}' (for {target}) appears {columns.count(src)} times in the header; "
+                "rename the copies so that each column name is unique"
+            )
     for target in REQUIRED_COLUMNS:
         src = mapping[target]
         if src not in present:
@@ -91,17 +97,25 @@ def parse_product_code(value: Any) -> int:
     if _blank(value):
         raise RowRejected("missing product_code")
     if isinstance(value, int) and not isinstance(value, bool):
-        return value
+        return _int64(value)
     text = str(value).strip()
     if re.fullmatch(r"-?\d+", text):
-        return int(text)  # exact, where a float would round a long code
+        # exact, where a float would round a long code; 30 digits are out of range already, and
+        # int() refuses strings of over 4300 digits with a ValueError
+        return _int64(int(text[:30]))
     try:
         x = float(text)
     except ValueError:
         x = math.nan
     if not math.isfinite(x) or x != int(x):
         raise RowRejected(f"bad product_code: {text[:40]!r}")
-    return int(x)
+    return _int64(int(x))
+
+
+def _int64(code: int) -> int:
+    if not -(2**63) <= code < 2**63:  # Arrow (datasets, Parquet) stores it as int64
+        raise RowRejected("product_code out of range (not a 64-bit integer)")
+    return code
 
 
 def parse_image_source(value: Any, base_dir: Path) -> ImageSource:
@@ -148,7 +162,7 @@ def parse_row(raw: dict[str, Any], number: int, mapping: dict[str, str], base_di
     flg = get["flg_discount"]
     try:
         values["flg_discount"] = None if _blank(flg) else int(float(flg))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # an optional column: unreadable means unknown
         values["flg_discount"] = None
     image = parse_image_source(get["imageurl"], base_dir)
     values["imageurl"] = _text(get["imageurl"])

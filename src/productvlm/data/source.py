@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 from collections.abc import Iterable
@@ -61,13 +62,37 @@ def _load_local(source: str, path: Path, limit: int | None) -> Table:
     return Table(source, str(path.resolve()), columns, rows, path.resolve().parent)
 
 
+def text_encoding(path: Path) -> str:
+    """UTF-8 (a BOM is skipped), or UTF-16 where the file starts with its BOM (Excel's "Unicode text")."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return "utf-16" if head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
+
+
+def _not_text(path: Path, encoding: str, hint: str = "save the file as UTF-8") -> UserError:
+    """Where a file stops being valid text: decoding it in one go gives the exact offset, hence the line."""
+    data = path.read_bytes()
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[: e.start].decode(encoding, errors="replace").count("\n") + 1
+        name = "UTF-16" if encoding == "utf-16" else "UTF-8"
+        return UserError(
+            f"source file {path} line {line}: not {name} text (byte 0x{data[e.start]:02x}); {hint}"
+        )
+    return UserError(f"source file {path}: not {encoding} text")  # decodes in one go: cannot happen
+
+
 def _read_csv(path: Path, delimiter: str, limit: int | None) -> tuple[list[str], list[dict[str, Any]]]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    encoding = text_encoding(path)
+    with open(path, newline="", encoding=encoding) as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         try:
             columns = [c.strip() for c in (reader.fieldnames or [])]
             rows = [{(k or "").strip(): v for k, v in row.items()} for row in islice(reader, limit)]
-        except (csv.Error, UnicodeDecodeError) as e:
+        except UnicodeDecodeError:
+            raise _not_text(path, encoding, "save the file as UTF-8 (in Excel: CSV UTF-8)") from None
+        except csv.Error as e:
             raise UserError(
                 f"source file {path}: cannot read as CSV near line {reader.line_num} ({e})"
             ) from e
@@ -90,27 +115,35 @@ def _read_parquet(path: Path, limit: int | None) -> tuple[list[str], list[dict[s
 
 def _read_jsonl(path: Path, limit: int | None) -> tuple[list[str], list[dict[str, Any]]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"source file {path} line {lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(obj, dict):
-                raise UserError(f"source file {path} line {lineno}: expected a JSON object per line")
-            rows.append(obj)
+    with open(path, encoding="utf-8-sig") as f:
+        try:
+            for lineno, line in enumerate(f, 1):
+                if limit is not None and len(rows) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:  # JSONDecodeError, or an integer of over 4300 digits
+                    msg = getattr(e, "msg", str(e))
+                    raise UserError(f"source file {path} line {lineno}: not valid JSON ({msg})") from e
+                if not isinstance(obj, dict):
+                    raise UserError(f"source file {path} line {lineno}: expected a JSON object per line")
+                rows.append(obj)
+        except UnicodeDecodeError:
+            raise _not_text(path, "utf-8-sig") from None
     return _columns_of(rows), rows
 
 
 def _read_json(path: Path, limit: int | None) -> tuple[list[str], list[dict[str, Any]]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise _not_text(path, "utf-8-sig") from None
     except json.JSONDecodeError as e:
         raise UserError(f"source file {path} line {e.lineno}: not valid JSON ({e.msg})") from e
+    except ValueError as e:  # an integer of over 4300 digits
+        raise UserError(f"source file {path}: not valid JSON ({e})") from e
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise UserError(f"source file {path}: expected a JSON list of objects (or use JSON Lines, .jsonl)")
     rows = data[:limit] if limit is not None else data

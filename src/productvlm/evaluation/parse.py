@@ -7,6 +7,7 @@ the parser also accepts the fields in any order, missing fields (returned as Non
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -50,9 +51,10 @@ def parse_price(text: str) -> float | None:
     if raw.count(".") > 1:  # "1.2.3": keep what reads as a number
         raw = raw[: raw.index(".", raw.index(".") + 1)]
     try:
-        return sign * float(raw)
+        value = sign * float(raw)
     except ValueError:
         return None
+    return value if math.isfinite(value) else None  # 400 digits parse as inf
 
 
 def _clean(value: str) -> str | None:

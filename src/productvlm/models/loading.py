@@ -38,7 +38,9 @@ def resolve_model_dir(path: str | Path) -> Path | str:
     if (p / "final").is_dir() and not (p / "config.json").is_file():
         p = p / "final"
     if not (p / "config.json").is_file() and not (p / ADAPTER_CONFIG).is_file():
-        raise UserError(f"model {p}: neither a model folder (config.json) nor a LoRA adapter ({ADAPTER_CONFIG})")
+        raise UserError(
+            f"model {p}: neither a model folder (config.json) nor a LoRA adapter ({ADAPTER_CONFIG})"
+        )
     return p
 
 
@@ -51,7 +53,9 @@ def adapter_base(adapter: Path) -> Path | str:
     try:
         base = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{adapter / ADAPTER_CONFIG}: unreadable or without base_model_name_or_path ({e})") from e
+        raise UserError(
+            f"{adapter / ADAPTER_CONFIG}: unreadable or without base_model_name_or_path ({e})"
+        ) from e
     if not base:
         raise UserError(f"{adapter / ADAPTER_CONFIG}: base_model_name_or_path is empty")
     candidates = [Path(base), adapter / base, *(parent / Path(base).name for parent in adapter.parents[:3])]
@@ -64,25 +68,32 @@ def adapter_base(adapter: Path) -> Path | str:
 
 
 def load_pretrained(
-    path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
+    path: str | Path,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    allow_pickle: bool = False,
 ) -> tuple[torch.nn.Module, Phi3VProcessor]:
     """(model in eval mode, processor) from a full model folder, an adapter folder, a run folder or a hub id.
 
     An adapter is loaded onto its base model with peft (not merged, so the weights stay exactly
     as trained); the processor comes from the adapter folder when it has one, else from the base.
+    Pickle weights (model or adapter) are refused unless `allow_pickle=True`; no code from any
+    of the folders runs (config.json's `auto_map` is ignored).
     """
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     where = resolve_model_dir(path)
     if is_adapter(where):
         from peft import PeftModel
 
+        if not allow_pickle:
+            _refuse_pickle_adapter(where)
         base = adapter_base(where)
-        model = Phi3VForCausalLM.from_pretrained(base, dtype=dtype)
+        model = Phi3VForCausalLM.from_pretrained(base, dtype=dtype, allow_pickle=allow_pickle)
         model = PeftModel.from_pretrained(model, str(where))
         _load_extra_trainables(model, where)
         processor_dir = where if (where / "tokenizer_config.json").is_file() else base
     else:
-        model = Phi3VForCausalLM.from_pretrained(where, dtype=dtype)
+        model = Phi3VForCausalLM.from_pretrained(where, dtype=dtype, allow_pickle=allow_pickle)
         processor_dir = where
     processor = Phi3VProcessor.from_pretrained(processor_dir)
     return model.to(device).eval(), processor
@@ -101,6 +112,15 @@ def trained_settings(path: str | Path) -> dict:
             settings.update({k: data[k] for k in ("prompt", "answer", "num_crops") if k in data})
             break
     return settings
+
+
+def _refuse_pickle_adapter(adapter: Path) -> None:
+    """peft falls back to adapter_model.bin (a pickle) when there is no adapter_model.safetensors."""
+    if not (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_model.bin").is_file():
+        raise UserError(
+            f"{adapter} holds only pickle adapter weights (adapter_model.bin); unpickling can run code. "
+            "Re-save it with safetensors, or pass allow_pickle=True if you trust the file."
+        )
 
 
 def _load_extra_trainables(model, adapter: Path) -> None:

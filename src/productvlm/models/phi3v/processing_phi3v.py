@@ -31,6 +31,13 @@ class Phi3VProcessor(ProcessorMixin):
                 f"the tokenizer has no {IMAGE_TOKEN} token; Phi-3-V tokenizers have it (id 32044)"
             )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Never runs code from the folder: trust_remote_code is dropped (AutoTokenizer would import
+        the modules that tokenizer_config.json's auto_map names)."""
+        kwargs.pop("trust_remote_code", None)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     def __call__(
         self,
         text: str | list[str],
