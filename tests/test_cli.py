@@ -26,7 +26,9 @@ ALL_COMMANDS = list(command_paths(typer.main.get_command(app)))
 
 
 def test_there_are_commands_to_check():
-    assert {("data", "synth"), ("data", "import"), ("data", "stats"), ("model", "init")} <= set(ALL_COMMANDS)
+    expected = {("data", "synth"), ("data", "import"), ("data", "stats"), ("model", "init")}
+    expected |= {("train",), ("eval",), ("predict",), ("serve",), ("export",)}
+    assert expected <= set(ALL_COMMANDS)
 
 
 @pytest.mark.parametrize("path", ALL_COMMANDS, ids=" ".join)

@@ -28,8 +28,8 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 def _register_subcommands() -> None:
     from productvlm.data.cli import app as data_app
-    from productvlm.models.cli import app as model_app
     from productvlm.evaluation.cli import eval_command, predict_command
+    from productvlm.models.cli import app as model_app
     from productvlm.serving.cli import export_command, serve_command
     from productvlm.training.cli import train
 

@@ -201,7 +201,7 @@ class Batcher:
                 break
             try:
                 jobs.append(await asyncio.wait_for(self.queue.get(), left))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # an alias of TimeoutError from Python 3.11 on
                 break
         return [j for j in jobs if not j.future.cancelled()]  # clients that went away
 

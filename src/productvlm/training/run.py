@@ -108,6 +108,7 @@ def training_args(cfg: Config, run: Path, report_to: list[str]) -> TrainingArgum
         report_to=report_to,
         remove_unused_columns=False,
         dataloader_num_workers=t.num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=cpu_only(),  # without it, accelerate ignores torchrun on a machine with no accelerator
         disable_tqdm=True,
     )
