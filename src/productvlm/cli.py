@@ -53,8 +53,16 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
+def quiet_library_progress() -> None:
+    """Our rich bars say what runs; transformers' per-file tqdm bars (loading, writing shards) are noise."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main() -> None:
     """Console entry point: user errors are one red line and exit code 2, no traceback."""
+    quiet_library_progress()
     try:
         app()
     except UserError as e:

@@ -66,6 +66,9 @@ def main(out: Path = Path("demo"), overrides: tuple[str, ...] = ()) -> int:
     from productvlm.evaluation.cli import metrics_table
     from productvlm.evaluation.run import evaluate_model
 
+    from productvlm.cli import quiet_library_progress
+
+    quiet_library_progress()
     console = Console()
     t0 = time.perf_counter()
     cfg = demo_config(out, overrides)

@@ -20,19 +20,21 @@ console = Console(stderr=True)  # stdout stays clean for `predict` JSON lines
 SHORT = {
     "majority_category": "majority category",
     "mean_price": "mean price",
-    "median_price_per_true_category": "median price of true category",
+    "median_price_per_true_category": "median price of true cat.",
 }
 
 
 def _cell(block: dict[str, Any], field: str | None, key: str, pct: bool, ci: bool = False) -> str:
-    """A figure of `block` (nested by field) for the terminal; with `ci`, its 95% interval too."""
+    """A figure of `block` (nested by field) for the terminal; with `ci`, its 95% interval instead."""
     node = block if field is None else block.get(field, {})
+    fmt = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}")
+    if ci:
+        interval = node.get(f"{key}_ci95")
+        return f"{fmt(interval[0])} - {fmt(interval[1])}" if interval else ""
     x = node.get(key)
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "—"
-    fmt = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:,.2f}")
-    interval = node.get(f"{key}_ci95") if ci else None
-    return fmt(x) + (f" [dim]\\[{fmt(interval[0])}, {fmt(interval[1])}][/]" if interval else "")
+    return fmt(x)
 
 
 def metrics_table(metrics: dict[str, Any]) -> Table:
@@ -42,14 +44,16 @@ def metrics_table(metrics: dict[str, Any]) -> Table:
     base = metrics.get("baselines", {})
     table = Table(
         "metric",
-        "model [dim]\\[95% CI][/]",
+        "model",
+        "[dim]95% CI[/]",
         *(SHORT.get(b, b) for b in base),
         title=f"{metrics.get('split')} split, n={metrics.get('n')}, baselines from train",
     )
     for label, field, key, pct, _ in ROWS:
         table.add_row(
             label,
-            _cell(metrics, field, key, pct, ci=True),
+            f"[bold]{_cell(metrics, field, key, pct)}[/]",
+            f"[dim]{_cell(metrics, field, key, pct, ci=True)}[/]",
             *(_cell(b, field, key, pct) for b in base.values()),
         )
     return table
