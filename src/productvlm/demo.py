@@ -63,10 +63,9 @@ def ensure_model(cfg: Config, console: Console) -> Path:
 
 def main(out: Path = Path("demo"), overrides: tuple[str, ...] = ()) -> int:
     """`overrides` (config `key=value`s) are for quick checks of the demo itself, e.g. train.max_steps=20."""
+    from productvlm.cli import quiet_library_progress
     from productvlm.evaluation.cli import metrics_table
     from productvlm.evaluation.run import evaluate_model
-
-    from productvlm.cli import quiet_library_progress
 
     quiet_library_progress()
     console = Console()
