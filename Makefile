@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-slow bench lint format clean
+.PHONY: install browser demo test test-slow bench lint format clean
 
 install: $(STAMP)
 
@@ -19,13 +19,23 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	touch $(STAMP)
 
+# Debian's chromium + chromedriver for the browser tests (report page, serving page); without root
+# or apt-get those tests skip and say why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium + chromium-driver for the browser tests (apt-get)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	    || echo "could not install chromium: the browser tests will skip"; \
+	else echo "chromium/chromedriver missing and no root apt-get: the browser tests will skip"; fi
+
 demo: install
 	$(PY) -m productvlm.demo
 
-test: install
+test: install browser
 	$(PY) -m pytest -q -m "not slow"
 
-test-slow: install
+test-slow: install browser
 	$(PY) -m pytest -q -m slow || test $$? -eq 5  # 5 = no slow tests collected
 
 bench: install
