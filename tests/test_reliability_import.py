@@ -322,6 +322,9 @@ def test_kill_9_twice_then_rerun_never_shows_a_partial_file(tmp_path):
             done = len(list(out.glob("*/images/*.jpg")))
             assert done < N_PHOTOS and not list(out.glob("*/metadata.jsonl"))
             result = import_dataset(str(src), out, fetch=FetchOptions(concurrency=4), progress=False)
+            listed = watcher.listings
+            while watcher.listings < listed + 2 and watcher.is_alive():  # a full pass after the import
+                time.sleep(0.01)
         finally:
             watcher.stop.set()
             watcher.join(10)

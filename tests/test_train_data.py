@@ -108,3 +108,19 @@ def test_length_grouped_order_depends_on_seed_and_epoch_only():
     order = list(a)
     spread = sum(abs(lengths[x] - lengths[y]) for x, y in zip(order, order[1:]))
     assert spread < sum(abs(x - y) for x, y in zip(lengths, lengths[1:]))
+
+
+def test_phone_photos_are_read_upright_and_sized_as_read(tmp_path):
+    """EXIF orientation 6 (rotated 90 degrees): pixels come upright and the token count uses that size."""
+    from PIL import Image
+
+    from productvlm.training.data import image_size, load_image
+
+    stored = Image.new("RGB", (64, 32), (200, 10, 10))
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    stored.save(path, exif=exif)
+    assert load_image(path).size == (32, 64)
+    assert image_size(path) == (32, 64)
+    assert load_image(path, blank=True).size == (32, 64)

@@ -246,3 +246,19 @@ def test_mlflow_local_store_holds_the_metrics(data_dir, tmp_path):
     for r in records:
         assert r["image"]["type"] == "image"
         assert Path(client.download_artifacts(found.info.run_id, r["image"]["filepath"], tmp_path)).is_file()
+
+
+def test_only_the_newest_checkpoints_are_kept(data_dir, tmp_path):
+    train(config(data_dir, tmp_path / "run", "train.save_steps=2", "train.save_total_limit=2"), progress=False)
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["step-000006", "step-000008"]
+
+
+def test_a_catalog_without_validation_rows_trains_without_eval(data_dir, tmp_path):
+    import shutil
+
+    no_val = tmp_path / "catalog"
+    shutil.copytree(data_dir, no_val)
+    shutil.rmtree(no_val / "validation")
+    result = train(config(no_val, tmp_path / "run", "eval.subset=8", "train.max_steps=2"), progress=False)
+    assert result.steps == 2 and not any(k.startswith("eval_") for k in result.metrics)

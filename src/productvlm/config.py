@@ -101,6 +101,12 @@ class Config(Section):
     def _check(self) -> Config:
         if self.train.precision == "fp16" and self.model.dtype == "bfloat16":
             raise ValueError("train.precision fp16 with model.dtype bfloat16: use bf16, or dtype float32")
+        if self.train.precision == "fp16" and self.model.dtype == "float16" and self.train.method != "lora":
+            # the fp16 grad scaler cannot unscale fp16 gradients; peft keeps LoRA weights in fp32
+            raise ValueError(
+                f"train.precision fp16 with model.dtype float16 trains fp16 weights ({self.train.method}): "
+                "use model.dtype float32 (mixed precision), or method lora"
+            )
         if self.train.packing and self.train.pack_length < self.data.max_tokens_per_sample:
             raise ValueError(
                 f"train.pack_length {self.train.pack_length} is below data.max_tokens_per_sample "

@@ -188,6 +188,9 @@ class AnswerConstraint:
         self.eos = [int(i) for i in eos_token_ids]
         self.max_new_tokens = max_new_tokens
         pieces = token_pieces(tokenizer)
+        for i in self.eos:  # an end id whose text looks plain (the official </s>) must not sit inside a field
+            if i < len(pieces):
+                pieces[i] = None
         self._by_first: dict[str, list[tuple[int, str]]] = {}
         for i, piece in enumerate(pieces):
             if piece is not None:

@@ -25,23 +25,23 @@ def serve_command(
     allow_remote_images: bool = typer.Option(
         False, "--allow-remote-images", help="Fetch http(s) image URLs (public addresses only)."
     ),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto (bfloat16 on a GPU)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:1 ... or auto (cuda when there is one)."),
 ) -> None:
     """Serve the model over HTTP: OpenAI-compatible chat completions, a catalog endpoint and a page."""
-    import torch
     import uvicorn
 
+    from productvlm.evaluation.predict import pick_device, pick_dtype
     from productvlm.models.loading import DTYPES
     from productvlm.serving.app import ServeSettings, app_from_folder
     from productvlm.serving.images import ImageLimits
 
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device)
     if dtype not in DTYPES:
         from productvlm.errors import UserError
 
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = ServeSettings(
         model_name=model.resolve().parent.name if model.name == "final" else model.resolve().name,
         max_batch_size=1 if no_batching else max_batch_size,

@@ -20,7 +20,7 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from productvlm.serving.errors import APIError
 
@@ -50,7 +50,7 @@ def decode_image(data: bytes, limits: ImageLimits, where: str = "image") -> Imag
             code="image_too_large",
         )
     try:
-        return im.convert("RGB")  # decodes fully, so a truncated file fails here
+        return ImageOps.exif_transpose(im).convert("RGB")  # decodes fully: a truncated file fails here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise APIError(400, f"{where}: corrupt or truncated image ({e})", code="invalid_image") from e
 
@@ -122,7 +122,11 @@ class RemoteFetcher:
                         raise APIError(
                             400, f"{where}: fetching it gave HTTP {r.status}", code="image_fetch_failed"
                         )
-                    data = await r.content.read(self.limits.max_bytes + 1)
+                    data = bytearray()
+                    async for chunk in r.content.iter_chunked(1 << 16):  # read() returns one buffer only
+                        data += chunk
+                        if len(data) > self.limits.max_bytes:
+                            break
             except BlockedAddress as e:
                 raise APIError(400, f"{where}: {e}", code="image_url_not_allowed") from e
             except (aiohttp.ClientError, TimeoutError) as e:

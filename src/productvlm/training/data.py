@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
@@ -31,6 +31,7 @@ from productvlm.errors import UserError
 IGNORE = -100
 END = "<|end|>"
 BLANK_GREY = (128, 128, 128)
+EXIF_ORIENTATION = 0x0112  # values 5-8 mean the stored image is rotated by 90 or 270 degrees
 
 
 def template_fields(template: str) -> list[str]:
@@ -53,16 +54,19 @@ def sample_name(row: dict[str, Any]) -> str:
 
 
 def load_image(path: str | Path, blank: bool = False) -> Image.Image:
-    """The RGB photo, or with `blank` a plain grey image of the same size (the no-image control)."""
+    """The RGB photo upright (EXIF orientation applied, as phone photos need), or with `blank` a
+    plain grey image of the same size (the no-image control)."""
     with Image.open(path) as im:
         if blank:
-            return Image.new("RGB", im.size, BLANK_GREY)
-        return im.convert("RGB")
+            return Image.new("RGB", image_size(path), BLANK_GREY)
+        return ImageOps.exif_transpose(im).convert("RGB")
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    with Image.open(path) as im:  # reads the header only
-        return im.size
+    """(width, height) as `load_image` returns it, from the header only."""
+    with Image.open(path) as im:
+        w, h = im.size
+        return (h, w) if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
 
 
 @dataclass(frozen=True)

@@ -78,9 +78,10 @@ def cpu_only() -> bool:
     return not (accelerator.is_available() if accelerator else torch.cuda.is_available())
 
 
-def training_args(cfg: Config, run: Path, report_to: list[str]) -> TrainingArguments:
+def training_args(cfg: Config, run: Path, report_to: list[str], eval_on: bool = True) -> TrainingArguments:
+    """`eval_on`: there are validation rows to generate on (a split can be empty)."""
     t = cfg.train
-    eval_on = cfg.eval.subset > 0
+    eval_on = eval_on and cfg.eval.subset > 0
     return TrainingArguments(
         output_dir=str(run / CHECKPOINTS),
         run_name=cfg.tracking.run_name or run.name,
@@ -151,7 +152,7 @@ def train(
     bar = RichProgress() if progress else None
     trainer = RunTrainer(
         model=model,
-        args=training_args(cfg, run, report_to),
+        args=training_args(cfg, run, report_to, eval_on=bool(eval_rows)),
         train_dataset=train_ds,
         eval_dataset=eval_rows or None,
         data_collator=collator,

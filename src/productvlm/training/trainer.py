@@ -191,7 +191,7 @@ class RunTrainer(Trainer):
             shutil.rmtree(target, ignore_errors=True)
             os.replace(written, target)
             shutil.rmtree(staging, ignore_errors=True)
-            _rotate(root, self.args.save_total_limit)
+            _rotate(root, self.run_cfg.train.save_total_limit)
         self.accelerator.wait_for_everyone()
 
     def _get_output_dir(self, trial) -> str:
