@@ -249,7 +249,9 @@ def test_mlflow_local_store_holds_the_metrics(data_dir, tmp_path):
 
 
 def test_only_the_newest_checkpoints_are_kept(data_dir, tmp_path):
-    train(config(data_dir, tmp_path / "run", "train.save_steps=2", "train.save_total_limit=2"), progress=False)
+    train(
+        config(data_dir, tmp_path / "run", "train.save_steps=2", "train.save_total_limit=2"), progress=False
+    )
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert kept == ["step-000006", "step-000008"]
 
