@@ -1,6 +1,6 @@
 """`make demo`: the whole flow on a CPU, from nothing: data -> train -> eval -> report.
 
-1. Synthesize a sample catalog (1000 rows, seed 0) into demo/data (reused when already there).
+1. Synthesize a sample catalog (2000 rows, seed 0) into demo/data (reused when already there).
 2. Fully fine-tune the tiny preset with configs/tiny-cpu.yaml into demo/run (a finished run with the
    same config is reused, an interrupted one resumed, one with another config replaced).
 3. Evaluate on the test split (constrained decoding off: the parse rate is part of what is measured),
@@ -19,7 +19,7 @@ from rich.console import Console
 
 from productvlm.config import Config, load_config
 
-ROWS, SEED = 1000, 0
+ROWS, SEED = 2000, 0
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
 
 
