@@ -26,6 +26,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from productvlm.config import Config
 from productvlm.data.folder import read_split
 from productvlm.errors import UserError
+from productvlm.models.loading import DTYPES, EXTRA_TRAINABLES
 from productvlm.models.phi3v import Phi3VForCausalLM, Phi3VProcessor
 from productvlm.training.data import Encoder, length_grouped_order, render
 from productvlm.training.evaluate import generate_answers, score
@@ -33,8 +34,6 @@ from productvlm.training.tracking import log_eval_samples
 
 CHECKPOINTS, FINAL, LOG, SAMPLES = "checkpoints", "final", "train_log.jsonl", "eval_samples.jsonl"
 STEP_DIR = re.compile(r"^step-(\d+)$")
-EXTRA_TRAINABLES = "extra_trainables.safetensors"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---------------------------------------------------------------- model
