@@ -90,7 +90,7 @@ def load_pretrained(
         base = adapter_base(where)
         model = Phi3VForCausalLM.from_pretrained(base, dtype=dtype, allow_pickle=allow_pickle)
         model = PeftModel.from_pretrained(model, str(where))
-        _load_extra_trainables(model, where)
+        load_extra_trainables(model, where)
         processor_dir = where if (where / "tokenizer_config.json").is_file() else base
     else:
         model = Phi3VForCausalLM.from_pretrained(where, dtype=dtype, allow_pickle=allow_pickle)
@@ -123,8 +123,9 @@ def _refuse_pickle_adapter(adapter: Path) -> None:
         )
 
 
-def _load_extra_trainables(model, adapter: Path) -> None:
-    file = adapter / EXTRA_TRAINABLES
+def load_extra_trainables(model, folder: Path) -> None:
+    """Copy FOLDER/extra_trainables.safetensors (lora+projector's non-LoRA weights) into `model`, if present."""
+    file = Path(folder) / EXTRA_TRAINABLES
     if not file.is_file():
         return
     from safetensors.torch import load_file
@@ -137,4 +138,12 @@ def _load_extra_trainables(model, adapter: Path) -> None:
             params[name].copy_(value)
 
 
-__all__ = ["load_pretrained", "trained_settings", "resolve_model_dir", "is_adapter", "adapter_base", "DTYPES"]
+__all__ = [
+    "load_pretrained",
+    "load_extra_trainables",
+    "trained_settings",
+    "resolve_model_dir",
+    "is_adapter",
+    "adapter_base",
+    "DTYPES",
+]

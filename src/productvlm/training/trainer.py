@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from productvlm.config import Config
 from productvlm.data.folder import read_split
 from productvlm.errors import UserError
-from productvlm.models.loading import DTYPES, EXTRA_TRAINABLES
+from productvlm.models.loading import DTYPES, EXTRA_TRAINABLES, load_extra_trainables
 from productvlm.models.phi3v import Phi3VForCausalLM, Phi3VProcessor
 from productvlm.training.data import Encoder, length_grouped_order, render
 from productvlm.training.evaluate import generate_answers, score
@@ -204,12 +204,7 @@ class RunTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = Path(resume_from_checkpoint) / EXTRA_TRAINABLES
-        if path.is_file():
-            params = dict((model or self.model).named_parameters())
-            with torch.no_grad():
-                for name, value in load_file(path).items():
-                    params[name].copy_(value)
+        load_extra_trainables(model or self.model, Path(resume_from_checkpoint))
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """A step whose loss is NaN/inf (on any process) stops the run before the optimizer uses it.
