@@ -17,6 +17,7 @@ from productvlm.evaluation import report
 from productvlm.evaluation.metrics import evaluate, token_f1, truth
 from productvlm.evaluation.parse import parse_answer
 from productvlm.evaluation.predict import Predictor
+from productvlm.models.evaluations import eval_dir
 
 METRICS, PREDICTIONS, REPORT = "metrics.json", "predictions.jsonl", "report.html"
 
@@ -41,11 +42,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def default_out_dir(model_dir: Path | str, split: str) -> Path:
     """RUN/eval-<split> for a model inside a run folder, else ./eval-<split>."""
-    p = Path(model_dir)
-    for run in (p, p.parent, p.parent.parent):
-        if (run / "config.yaml").is_file() and (run / "final").is_dir():
-            return run / f"eval-{split}"
-    return Path(f"eval-{split}")
+    return eval_dir(model_dir, split)
 
 
 def prediction_record(row: dict[str, Any], raw: str) -> dict[str, Any]:

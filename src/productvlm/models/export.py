@@ -4,6 +4,9 @@ The result has config.json (`model_type: phi3_v`, `architectures: ["Phi3VForCaus
 fields including `rope_scaling.type: su` and `torch_dtype`), `model.safetensors` (or shards + index)
 under the official weight names, each tensor stored once, the tokenizer, processor and generation
 config, and a `config.yaml` with the prompt/num_crops it was trained with (read by serve/predict).
+The tokenizer and processor files carry the official classes and fields (`LlamaTokenizer`, no loader
+arguments), so transformers 4.x loads them too, and `auto_map` entries name Microsoft's hub code for
+`trust_remote_code=True` users (productvlm's own loaders ignore auto_map). `README.md` is the model card.
 
 A LoRA adapter is exported only merged (`merge_lora=True`): the merge runs in float32 on the CPU,
 then the weights are cast to the requested dtype. Without the flag an adapter folder is a UserError,
@@ -20,10 +23,42 @@ from pathlib import Path
 
 import yaml
 
+from productvlm.config import read_yaml
 from productvlm.errors import UserError
-from productvlm.models.loading import DTYPES, is_adapter, load_pretrained, resolve_model_dir, trained_settings
+from productvlm.models.card import write_model_card
+from productvlm.models.evaluations import run_folder
+from productvlm.models.loading import (
+    DTYPES,
+    adapter_base,
+    is_adapter,
+    load_pretrained,
+    resolve_model_dir,
+    trained_settings,
+)
 
 EXPORT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# Microsoft's repos and where each keeps its image processor (auto_map values are "<repo>--<module.Class>").
+HUB_CODE = {
+    "microsoft/Phi-3-vision-128k-instruct": "image_processing_phi3_v.Phi3VImageProcessor",
+    "microsoft/Phi-3.5-vision-instruct": "processing_phi3_v.Phi3VImageProcessor",
+}
+DEFAULT_HUB_CODE = "microsoft/Phi-3-vision-128k-instruct"
+# What the official tokenizer_config.json holds besides the fixed values written below.
+TOKENIZER_KEYS = (
+    "added_tokens_decoder",
+    "bos_token",
+    "clean_up_tokenization_spaces",
+    "eos_token",
+    "pad_token",
+    "padding_side",
+    "unk_token",
+)
+OFFICIAL_EXTRA_SPECIAL = ["<|system|>", "<|end|>", "<|user|>", "<|end|>"]  # sic, as Microsoft ships it
+# Arguments of a from_pretrained call that some transformers versions save into the files.
+LOADER_ARGS = {
+    "is_local", "local_files_only", "trust_remote_code", "cache_dir", "token", "use_auth_token",
+    "revision", "subfolder", "_commit_hash", "force_download", "proxies", "backend", "name_or_path",
+}  # fmt: skip
 
 
 def export_model(
@@ -61,25 +96,116 @@ def export_model(
     try:
         net.save_pretrained(tmp, max_shard_size=max_shard_size)
         processor.save_pretrained(tmp)
-        _officialize_config(tmp / "config.json", EXPORT_DTYPES[dtype])
+        base = base_model(source)
+        _officialize_config(tmp / "config.json", EXPORT_DTYPES[dtype], hub_code_repo(base))
+        _officialize_processor(tmp, hub_code_repo(base), net.config.max_position_embeddings)
         _write_settings(tmp / "config.yaml", source)
+        write_model_card(tmp / "README.md", source, out.name, EXPORT_DTYPES[dtype], base)
         _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _officialize_config(path: Path, dtype: str) -> None:
+def base_model(source: Path | str) -> str | None:
+    """The hub id the model was fine-tuned from: the model itself (a hub id), its run's `model.path`, or
+    its adapter's base; None for presets and local folders."""
+    if isinstance(source, str):
+        return source
+    run = run_folder(source)
+    if run is not None:
+        path = str((read_yaml(run / "config.yaml").get("model") or {}).get("path", ""))
+        return path if _is_hub_id(path) else None
+    if is_adapter(source):
+        base = adapter_base(source)
+        return base if isinstance(base, str) else None
+    return None
+
+
+def hub_code_repo(base: str | None) -> str:
+    """Microsoft's repo whose code `trust_remote_code=True` runs: the base's own, else Phi-3-vision's."""
+    return base if base in HUB_CODE else DEFAULT_HUB_CODE
+
+
+def _is_hub_id(path: str) -> bool:
+    return path.count("/") == 1 and not path.startswith((".", "/", "preset:")) and not Path(path).exists()
+
+
+def _officialize_config(path: Path, dtype: str, code: str) -> None:
     """Keep the fields tools written for the official config read: `torch_dtype` and `rope_theta`
-    (transformers v5 writes `dtype` and nests rope_theta in `rope_parameters`) and the architecture;
-    Phi3VConfig already writes the official `rope_scaling` (type "su")."""
-    config = json.loads(path.read_text(encoding="utf-8"))
+    (transformers v5 writes `dtype` and nests rope_theta in `rope_parameters`), the architecture and
+    `auto_map` (hub code; our loaders ignore it); Phi3VConfig already writes `rope_scaling` (type "su")."""
+    config = _drop_loader_args(json.loads(path.read_text(encoding="utf-8")))
     config["architectures"] = ["Phi3VForCausalLM"]
+    config["auto_map"] = {
+        "AutoConfig": f"{code}--configuration_phi3_v.Phi3VConfig",
+        "AutoModelForCausalLM": f"{code}--modeling_phi3_v.Phi3VForCausalLM",
+    }
     config["torch_dtype"] = config["dtype"] = dtype
     rope_theta = (config.get("rope_parameters") or {}).get("rope_theta")
     if rope_theta is not None:
         config.setdefault("rope_theta", rope_theta)
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    _write_json(path, config)
+
+
+def _officialize_processor(folder: Path, code: str, max_length: int) -> None:
+    """Tokenizer and processor files as the official repo has them, so transformers 4.x (and Microsoft's
+    processor with trust_remote_code=True) load them: `LlamaTokenizer`, no loader arguments, the chat
+    template inline, `special_tokens_map.json`, and `auto_map` entries naming the hub code."""
+    processor_ref = f"{code}--processing_phi3_v.Phi3VProcessor"
+    tokenizer_config = folder / "tokenizer_config.json"
+    ours = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+    template = folder / "chat_template.jinja"
+    official = {
+        **{k: ours[k] for k in TOKENIZER_KEYS if k in ours},
+        "add_bos_token": _adds_bos(folder),
+        "add_eos_token": False,
+        "additional_special_tokens": OFFICIAL_EXTRA_SPECIAL,
+        "auto_map": {"AutoProcessor": processor_ref},
+        "legacy": False,
+        "model_max_length": max_length,
+        "processor_class": "Phi3VProcessor",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "use_default_system_prompt": False,
+    }
+    if template.is_file():
+        official["chat_template"] = template.read_text(encoding="utf-8")
+    _write_json(tokenizer_config, official)
+    special = {k: _special_token(official[k]) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    _write_json(
+        folder / "special_tokens_map.json", {"additional_special_tokens": OFFICIAL_EXTRA_SPECIAL, **special}
+    )
+
+    image_config = folder / "preprocessor_config.json"
+    image = _drop_loader_args(json.loads(image_config.read_text(encoding="utf-8")))
+    image["auto_map"] = {"AutoImageProcessor": f"{code}--{HUB_CODE[code]}", "AutoProcessor": processor_ref}
+    image["processor_class"] = "Phi3VProcessor"
+    _write_json(image_config, image)
+    processor = {"auto_map": {"AutoProcessor": processor_ref}, "processor_class": "Phi3VProcessor"}
+    _write_json(folder / "processor_config.json", processor)  # the image settings are in preprocessor_config
+
+
+def _adds_bos(folder: Path) -> bool:
+    """Whether tokenizer.json's post-processor puts BOS first (transformers 4.x rebuilds the post-processor
+    of a LlamaTokenizerFast from `add_bos_token`, so it must say what the file does)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ids = tokenizer.encode("a").ids
+    return bool(ids) and ids[0] == tokenizer.token_to_id("<s>")
+
+
+def _special_token(content: str) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+
+def _drop_loader_args(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in LOADER_ARGS}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _write_settings(path: Path, source: Path | str) -> None:
@@ -96,4 +222,4 @@ def _replace(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["export_model", "EXPORT_DTYPES"]
+__all__ = ["export_model", "base_model", "hub_code_repo", "EXPORT_DTYPES", "HUB_CODE"]

@@ -1,0 +1,202 @@
+"""The model card an export writes as README.md: Hub YAML metadata (base_model, library_name,
+pipeline_tag, datasets, metrics and a model-index from the last held-out evaluation) and a body with
+the prompt and answer template, how the model was trained and how to load it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from productvlm.config import read_yaml
+from productvlm.models.evaluations import dataset_currency, last_evaluation, run_folder
+from productvlm.models.loading import trained_settings
+
+# (field, key in metrics.json, Hub metric type, name shown)
+CARD_METRICS = [
+    (None, "parse_rate", "parse_rate", "answers parsed"),
+    ("category", "accuracy", "accuracy", "category accuracy"),
+    ("category", "macro_f1", "f1", "category macro F1"),
+    ("price", "mape", "mape", "price MAPE"),
+    ("price", "within_10pct", "accuracy", "price within 10%"),
+    ("title", "exact_match", "exact_match", "title exact match"),
+    ("title", "token_f1", "f1", "title token F1"),
+    ("title", "chrf", "chrf", "title chrF"),
+]
+TRAIN_KEYS = (
+    "method",
+    "epochs",
+    "max_steps",
+    "lr",
+    "schedule",
+    "batch_size",
+    "grad_accum",
+    "precision",
+    "seed",
+)
+
+
+def held_out_metrics(evaluation: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """[{type, name, value}] of the figures a card and the serving page show (those present)."""
+    found = []
+    for field, key, kind, name in CARD_METRICS:
+        value = (
+            (evaluation or {}).get(key) if field is None else ((evaluation or {}).get(field) or {}).get(key)
+        )
+        if isinstance(value, (int, float)):
+            found.append({"type": kind, "name": name, "value": round(float(value), 4)})
+    return found
+
+
+def write_model_card(path: Path, source: Path | str, name: str, dtype: str, base: str | None) -> None:
+    run = run_folder(source) if isinstance(source, Path) else None
+    config = read_yaml(run / "config.yaml") if run is not None else {}
+    evaluation = last_evaluation(source) if isinstance(source, Path) else None
+    dataset = (evaluation or {}).get("data") or (config.get("data") or {}).get("dir")
+    settings = trained_settings(source)
+    metadata = _metadata(name, base, dataset, evaluation)
+    body = [
+        f"# {name}",
+        "",
+        f"Reads a product photo and writes its catalog entry (title, category, price). Fine-tuned from "
+        f"{f'[{base}](https://huggingface.co/{base})' if base else 'a Phi-3-Vision model'} with productvlm; "
+        f"weights in {dtype}, official Phi-3-Vision layout.",
+        "",
+        *_prompt_section(settings, dataset_currency(dataset)),
+        *_training_section(config, run),
+        *_evaluation_section(evaluation),
+        *_usage_section(name, settings),
+    ]
+    text = (
+        "---\n" + yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body)
+    )
+    path.write_text(text, encoding="utf-8")
+
+
+def _metadata(name: str, base: str | None, dataset: str | None, evaluation: dict | None) -> dict[str, Any]:
+    metrics = held_out_metrics(evaluation)
+    metadata: dict[str, Any] = {}
+    if base:
+        metadata["base_model"] = base
+    metadata.update(library_name="transformers", pipeline_tag="image-text-to-text")
+    metadata["tags"] = ["productvlm", "phi3_v", "product-catalog", "vision"]
+    if dataset:
+        metadata["datasets"] = [Path(dataset).name]
+    if metrics:
+        metadata["metrics"] = sorted({m["type"] for m in metrics})
+        split = evaluation.get("split", "test")
+        metadata["model-index"] = [
+            {
+                "name": name,
+                "results": [
+                    {
+                        "task": {"type": "image-text-to-text", "name": "Product catalog entry from a photo"},
+                        "dataset": {
+                            "name": Path(dataset or "dataset").name,
+                            "type": "imagefolder",
+                            "split": split,
+                        },
+                        "metrics": metrics,
+                    }
+                ],
+            }
+        ]
+    return metadata
+
+
+def _prompt_section(settings: dict, currency: str | None) -> list[str]:
+    return [
+        "## Prompt and answer",
+        "",
+        f"The prompt it was trained with (`num_crops={settings['num_crops']}`); `<|image_1|>` is the photo:",
+        "",
+        "```text",
+        settings["prompt"],
+        "```",
+        "",
+        "The answer template (catalog columns in braces):",
+        "",
+        "```text",
+        settings["answer"],
+        "```",
+        "",
+        f"Prices are in {currency}." if currency else "The training data does not name the prices' currency.",
+        "",
+    ]
+
+
+def _training_section(config: dict, run: Path | None) -> list[str]:
+    if not config:
+        return [
+            "## Training",
+            "",
+            "No run folder beside the model, so how it was trained is not recorded.",
+            "",
+        ]
+    train = config.get("train") or {}
+    rows = [(key, train[key]) for key in TRAIN_KEYS if train.get(key) is not None]
+    if str(train.get("method", "")).startswith("lora"):
+        lora = train.get("lora") or {}
+        rows.append(("LoRA", f"r={lora.get('r')}, alpha={lora.get('alpha')}, targets={lora.get('targets')}"))
+    rows += [
+        ("base model", (config.get("model") or {}).get("path")),
+        ("dataset", (config.get("data") or {}).get("dir")),
+    ]
+    last = _last_loss(run / "train_log.jsonl") if run is not None else None
+    if last is not None:
+        rows.append(("final training loss", f"{last[1]:.4f} at step {last[0]}"))
+    return ["## Training", "", "| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
+
+
+def _evaluation_section(evaluation: dict | None) -> list[str]:
+    if not evaluation:
+        return [
+            "## Evaluation",
+            "",
+            "Not evaluated yet (`productvlm eval` writes the metrics this card shows).",
+            "",
+        ]
+    rows = [f"| {m['name']} | {m['value']} |" for m in held_out_metrics(evaluation)]
+    where = f"split `{evaluation.get('split')}`, {evaluation.get('n', '?')} rows"
+    return [
+        "## Evaluation",
+        "",
+        f"By generation on the held-out {where}:",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def _usage_section(name: str, settings: dict) -> list[str]:
+    return [
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoProcessor",
+        f'model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True, torch_dtype="auto")',
+        f'processor = AutoProcessor.from_pretrained("{name}", trust_remote_code=True, num_crops={settings["num_crops"]})',
+        "```",
+        "",
+        f"or `productvlm serve --model {name}` (OpenAI-compatible API and a page).",
+        "",
+    ]
+
+
+def _last_loss(log: Path) -> tuple[int, float] | None:
+    last = None
+    try:
+        for line in log.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            if isinstance(entry.get("loss"), (int, float)):
+                last = (entry.get("step"), entry["loss"])
+    except (OSError, ValueError):
+        return None
+    return last
+
+
+__all__ = ["write_model_card", "held_out_metrics"]

@@ -1,0 +1,81 @@
+"""Where `productvlm eval` puts a model's results, and what the model's last held-out evaluation said.
+
+`eval_dir(model, split)` is the one rule (evaluation's default output folder): RUN/eval-<split> for a
+model inside a run folder, else ./eval-<split>. `last_evaluation(model)` reads the newest metrics.json
+of a held-out split that was written for this model; the serving page and the model card show it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+HELD_OUT = ("test", "validation")
+METRICS = "metrics.json"
+
+
+def run_folder(model_dir: Path | str) -> Path | None:
+    """The run folder (config.yaml + final/) holding `model_dir`: RUN, RUN/final or RUN/final/adapter."""
+    p = Path(model_dir)
+    for run in (p, p.parent, p.parent.parent):
+        if (run / "config.yaml").is_file() and (run / "final").is_dir():
+            return run
+    return None
+
+
+def eval_dir(model_dir: Path | str, split: str) -> Path:
+    """RUN/eval-<split> for a model inside a run folder, else ./eval-<split>."""
+    run = run_folder(model_dir)
+    return run / f"eval-{split}" if run is not None else Path(f"eval-{split}")
+
+
+def last_evaluation(model_dir: Path | str) -> dict[str, Any] | None:
+    """The newest held-out metrics.json (test or validation) written for `model_dir`, or None.
+
+    A ./eval-<split> folder outside a run counts only when its metrics name this very model."""
+    found = []
+    for split in HELD_OUT:
+        path = eval_dir(model_dir, split) / METRICS
+        metrics = _read(path)
+        if metrics is None or metrics.get("split", split) != split:
+            continue
+        if run_folder(model_dir) is None and not _same_model(metrics.get("model"), model_dir):
+            continue
+        found.append((path.stat().st_mtime, metrics))
+    return max(found, key=lambda f: f[0])[1] if found else None
+
+
+def dataset_currency(dataset_dir: Path | str | None) -> str | None:
+    """The prices' currency: dataset.json's `currency`, else the `currency_code` every train row shares."""
+    if not dataset_dir:
+        return None
+    folder = Path(dataset_dir)
+    info = _read(folder / "dataset.json") or {}
+    if info.get("currency"):
+        return str(info["currency"])
+    codes = set()
+    try:
+        with open(folder / "train" / "metadata.jsonl", encoding="utf-8") as rows:
+            for _, line in zip(range(1000), rows):
+                codes.add(json.loads(line).get("currency_code"))
+    except (OSError, ValueError):
+        return None
+    return str(codes.pop()) if len(codes) == 1 and None not in codes else None
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _same_model(recorded: str | None, model_dir: Path | str) -> bool:
+    if not recorded:
+        return False
+    return Path(recorded).resolve() == Path(model_dir).resolve()
+
+
+__all__ = ["eval_dir", "last_evaluation", "dataset_currency", "run_folder", "HELD_OUT"]
