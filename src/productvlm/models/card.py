@@ -11,20 +11,15 @@ from typing import Any
 import yaml
 
 from productvlm.config import read_yaml
-from productvlm.models.evaluations import dataset_currency, last_evaluation, run_folder
+from productvlm.models.evaluations import (
+    dataset_currency,
+    held_out_metrics,
+    last_evaluation,
+    model_dataset,
+    run_folder,
+)
 from productvlm.models.loading import trained_settings
 
-# (field, key in metrics.json, Hub metric type, name shown)
-CARD_METRICS = [
-    (None, "parse_rate", "parse_rate", "answers parsed"),
-    ("category", "accuracy", "accuracy", "category accuracy"),
-    ("category", "macro_f1", "f1", "category macro F1"),
-    ("price", "mape", "mape", "price MAPE"),
-    ("price", "within_10pct", "accuracy", "price within 10%"),
-    ("title", "exact_match", "exact_match", "title exact match"),
-    ("title", "token_f1", "f1", "title token F1"),
-    ("title", "chrf", "chrf", "title chrF"),
-]
 TRAIN_KEYS = (
     "method",
     "epochs",
@@ -38,23 +33,11 @@ TRAIN_KEYS = (
 )
 
 
-def held_out_metrics(evaluation: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """[{type, name, value}] of the figures a card and the serving page show (those present)."""
-    found = []
-    for field, key, kind, name in CARD_METRICS:
-        value = (
-            (evaluation or {}).get(key) if field is None else ((evaluation or {}).get(field) or {}).get(key)
-        )
-        if isinstance(value, (int, float)):
-            found.append({"type": kind, "name": name, "value": round(float(value), 4)})
-    return found
-
-
 def write_model_card(path: Path, source: Path | str, name: str, dtype: str, base: str | None) -> None:
     run = run_folder(source) if isinstance(source, Path) else None
     config = read_yaml(run / "config.yaml") if run is not None else {}
     evaluation = last_evaluation(source) if isinstance(source, Path) else None
-    dataset = (evaluation or {}).get("data") or (config.get("data") or {}).get("dir")
+    dataset = model_dataset(source, evaluation)
     settings = trained_settings(source)
     metadata = _metadata(name, base, dataset, evaluation)
     body = [
@@ -199,4 +182,4 @@ def _last_loss(log: Path) -> tuple[int, float] | None:
     return last
 
 
-__all__ = ["write_model_card", "held_out_metrics"]
+__all__ = ["write_model_card"]

@@ -14,6 +14,18 @@ from typing import Any
 HELD_OUT = ("test", "validation")
 METRICS = "metrics.json"
 
+# (field, key in metrics.json, Hub metric type, name shown)
+CARD_METRICS = [
+    (None, "parse_rate", "parse_rate", "answers parsed"),
+    ("category", "accuracy", "accuracy", "category accuracy"),
+    ("category", "macro_f1", "f1", "category macro F1"),
+    ("price", "mape", "mape", "price MAPE"),
+    ("price", "within_10pct", "accuracy", "price within 10%"),
+    ("title", "exact_match", "exact_match", "title exact match"),
+    ("title", "token_f1", "f1", "title token F1"),
+    ("title", "chrf", "chrf", "title chrF"),
+]
+
 
 def run_folder(model_dir: Path | str) -> Path | None:
     """The run folder (config.yaml + final/) holding `model_dir`: RUN, RUN/final or RUN/final/adapter."""
@@ -46,6 +58,40 @@ def last_evaluation(model_dir: Path | str) -> dict[str, Any] | None:
     return max(found, key=lambda f: f[0])[1] if found else None
 
 
+def held_out_metrics(evaluation: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """[{type, name, value}] of the figures a card and the serving page show (those present)."""
+    found = []
+    for field, key, kind, name in CARD_METRICS:
+        value = (
+            (evaluation or {}).get(key) if field is None else ((evaluation or {}).get(field) or {}).get(key)
+        )
+        if isinstance(value, (int, float)):
+            found.append({"type": kind, "name": name, "value": round(float(value), 4)})
+    return found
+
+
+def model_dataset(model_dir: Path | str, evaluation: dict[str, Any] | None = None) -> str | None:
+    """The dataset folder the model was evaluated on, else the one its run trained on."""
+    if evaluation and evaluation.get("data"):
+        return str(evaluation["data"])
+    run = run_folder(model_dir)
+    config = _read_yaml(run / "config.yaml") if run is not None else {}
+    return (config.get("data") or {}).get("dir")
+
+
+def model_summary(model_dir: Path | str) -> dict[str, Any]:
+    """What the serving page shows about a model: its last held-out evaluation and its prices' currency."""
+    evaluation = last_evaluation(model_dir)
+    summary = None
+    if evaluation is not None:
+        summary = {
+            "split": evaluation.get("split"),
+            "n": evaluation.get("n"),
+            "metrics": held_out_metrics(evaluation),
+        }
+    return {"evaluation": summary, "currency": dataset_currency(model_dataset(model_dir, evaluation))}
+
+
 def dataset_currency(dataset_dir: Path | str | None) -> str | None:
     """The prices' currency: dataset.json's `currency`, else the `currency_code` every train row shares."""
     if not dataset_dir:
@@ -72,10 +118,29 @@ def _read(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _same_model(recorded: str | None, model_dir: Path | str) -> bool:
     if not recorded:
         return False
     return Path(recorded).resolve() == Path(model_dir).resolve()
 
 
-__all__ = ["eval_dir", "last_evaluation", "dataset_currency", "run_folder", "HELD_OUT"]
+__all__ = [
+    "eval_dir",
+    "last_evaluation",
+    "held_out_metrics",
+    "model_dataset",
+    "model_summary",
+    "dataset_currency",
+    "run_folder",
+    "HELD_OUT",
+]

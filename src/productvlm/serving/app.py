@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from productvlm.errors import UserError
 from productvlm.evaluation.parse import parse_answer
+from productvlm.serving.auth import APIKeyMiddleware
 from productvlm.serving.batching import Batcher, Engine, Sampling
 from productvlm.serving.chat import (
     ChatRequest,
@@ -51,6 +52,8 @@ class ServeSettings:
     catalog_max_tokens: int = 64
     allow_remote_images: bool = False
     images: ImageLimits = field(default_factory=ImageLimits)
+    api_key: str | None = field(default=None, repr=False)  # None: no authentication
+    metrics_need_key: bool = False
 
 
 class BodyLimitMiddleware:
@@ -98,8 +101,10 @@ def create_app(
     trained: dict,
     settings: ServeSettings | None = None,
     address_allowed: Callable[[str], bool] = is_public,
+    model_info: dict | None = None,
 ) -> FastAPI:
-    """The app around a loaded model. `trained` = trained_settings(model_dir) (prompt, num_crops)."""
+    """The app around a loaded model. `trained` = trained_settings(model_dir) (prompt, num_crops);
+    `model_info` = models.evaluations.model_summary(model_dir) (last evaluation, currency) for the page."""
     settings = settings or ServeSettings()
     engine = Engine(model, processor, int(trained["num_crops"]))
     prompt = serving_prompt(trained)
@@ -164,7 +169,14 @@ def create_app(
     async def models() -> dict:
         return {
             "object": "list",
-            "data": [{"id": settings.model_name, "object": "model", "owned_by": "productvlm"}],
+            "data": [
+                {
+                    "id": settings.model_name,
+                    "object": "model",
+                    "owned_by": "productvlm",
+                    "productvlm": model_info or {"evaluation": None, "currency": None},
+                }
+            ],
         }
 
     @app.post("/v1/chat/completions")
@@ -221,6 +233,10 @@ def create_app(
         return {"title": answer.title, "category": answer.category, "price": answer.price, "raw": done.text}
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.api_key:  # before the body limit and the app; the metrics count its 401s
+        app.add_middleware(
+            APIKeyMiddleware, api_key=settings.api_key, protect_metrics=settings.metrics_need_key
+        )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 
@@ -248,7 +264,10 @@ async def _stream(future: asyncio.Future, deltas: asyncio.Queue, cid: str, name:
 def app_from_folder(
     model_dir: str | Path, settings: ServeSettings | None = None, dtype="float32", device="cpu"
 ):
+    from productvlm.models.evaluations import model_summary
     from productvlm.models.loading import load_pretrained, resolve_model_dir, trained_settings
 
     model, processor = load_pretrained(model_dir, dtype=dtype, device=device)
-    return create_app(model, processor, trained_settings(resolve_model_dir(model_dir)), settings)
+    where = resolve_model_dir(model_dir)
+    info = model_summary(where) if isinstance(where, Path) else None
+    return create_app(model, processor, trained_settings(where), settings, model_info=info)

@@ -27,6 +27,16 @@ def serve_command(
     ),
     dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto (bfloat16 on a GPU)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:1 ... or auto (cuda when there is one)."),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        envvar="PRODUCTVLM_API_KEY",
+        show_default=False,
+        help="Require 'Authorization: Bearer KEY' on /v1/* (the page asks for it). Prefer the env var.",
+    ),
+    metrics_need_key: bool = typer.Option(
+        False, "--metrics-need-key", help="With --api-key, /metrics needs the key too (else it stays open)."
+    ),
 ) -> None:
     """Serve the model over HTTP: OpenAI-compatible chat completions, a catalog endpoint and a page."""
     import uvicorn
@@ -42,6 +52,12 @@ def serve_command(
         from productvlm.errors import UserError
 
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if metrics_need_key and not api_key:
+        from productvlm.errors import UserError
+
+        raise UserError(
+            "--metrics-need-key protects /metrics with the API key: set --api-key (or PRODUCTVLM_API_KEY)"
+        )
     settings = ServeSettings(
         model_name=model.resolve().parent.name if model.name == "final" else model.resolve().name,
         max_batch_size=1 if no_batching else max_batch_size,
@@ -52,10 +68,13 @@ def serve_command(
         max_body_bytes=int(max_body_mb * 1024 * 1024),
         allow_remote_images=allow_remote_images,
         images=ImageLimits(max_pixels=max_pixels),
+        api_key=api_key or None,
+        metrics_need_key=metrics_need_key,
     )
     app = app_from_folder(model, settings, dtype=dtype, device=device)
     batching = "off" if settings.max_batch_size == 1 else f"up to {settings.max_batch_size}"
-    console.print(f"serving {model} on http://{host}:{port}  (device {device}, batching {batching})")
+    key = "API key required" if settings.api_key else "no API key: anyone who can reach it may use it"
+    console.print(f"serving {model} on http://{host}:{port}  (device {device}, batching {batching}; {key})")
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
