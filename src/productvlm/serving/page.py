@@ -109,6 +109,8 @@ async function loadModel() {
   if (r.status === 401) {
     const had = sessionStorage.getItem(KEY);
     sessionStorage.removeItem(KEY);
+    $("model-name").textContent = "\\u2014";
+    $("model-eval").textContent = "(shown once the API key is entered)";
     askForKey(had ? "That API key was refused; enter the right one." : "Enter the API key to use this server.");
     return false;
   }
