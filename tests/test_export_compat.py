@@ -131,6 +131,8 @@ def test_model_card_has_hub_metadata_and_the_last_evaluation(exported, run_dir):
     assert "<|image_1|>What is shown in this image?" in body and "{category3_code}" in body
     assert "| method | lora |" in body and "r=8, alpha=16" in body and "1.2500 at step 10" in body
     assert "Prices are in EUR." in body and "`num_crops=2`" in body
+    # the export carries that evaluation, so serving the export shows it too
+    assert last_evaluation(exported) == last_evaluation(run_dir)
 
 
 def test_last_evaluation_is_the_newest_held_out_one(run_dir, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from typing import Any
 
 HELD_OUT = ("test", "validation")
 METRICS = "metrics.json"
+CARRIED = "evaluation.json"  # an export's copy of its source's last evaluation
 
 # (field, key in metrics.json, Hub metric type, name shown)
 CARD_METRICS = [
@@ -45,8 +46,12 @@ def eval_dir(model_dir: Path | str, split: str) -> Path:
 def last_evaluation(model_dir: Path | str) -> dict[str, Any] | None:
     """The newest held-out metrics.json (test or validation) written for `model_dir`, or None.
 
-    A ./eval-<split> folder outside a run counts only when its metrics name this very model."""
+    A ./eval-<split> folder outside a run counts only when its metrics name this very model; an
+    export's `evaluation.json` (its source's last evaluation) counts too."""
     found = []
+    carried = Path(model_dir) / CARRIED
+    if (metrics := _read(carried)) is not None and metrics.get("split") in HELD_OUT:
+        found.append((carried.stat().st_mtime, metrics))
     for split in HELD_OUT:
         path = eval_dir(model_dir, split) / METRICS
         metrics = _read(path)
@@ -143,4 +148,5 @@ __all__ = [
     "dataset_currency",
     "run_folder",
     "HELD_OUT",
+    "CARRIED",
 ]

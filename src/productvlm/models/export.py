@@ -6,7 +6,8 @@ under the official weight names, each tensor stored once, the tokenizer, process
 config, and a `config.yaml` with the prompt/num_crops it was trained with (read by serve/predict).
 The tokenizer and processor files carry the official classes and fields (`LlamaTokenizer`, no loader
 arguments), so transformers 4.x loads them too, and `auto_map` entries name Microsoft's hub code for
-`trust_remote_code=True` users (productvlm's own loaders ignore auto_map). `README.md` is the model card.
+`trust_remote_code=True` users (productvlm's own loaders ignore auto_map). `README.md` is the model card;
+`evaluation.json` carries the source's last held-out metrics.json.
 
 A LoRA adapter is exported only merged (`merge_lora=True`): the merge runs in float32 on the CPU,
 then the weights are cast to the requested dtype. Without the flag an adapter folder is a UserError,
@@ -26,7 +27,7 @@ import yaml
 from productvlm.config import read_yaml
 from productvlm.errors import UserError
 from productvlm.models.card import write_model_card
-from productvlm.models.evaluations import run_folder
+from productvlm.models.evaluations import CARRIED, last_evaluation, run_folder
 from productvlm.models.loading import (
     DTYPES,
     adapter_base,
@@ -101,6 +102,7 @@ def export_model(
         _officialize_processor(tmp, hub_code_repo(base), net.config.max_position_embeddings)
         _write_settings(tmp / "config.yaml", source)
         write_model_card(tmp / "README.md", source, out.name, EXPORT_DTYPES[dtype], base)
+        _carry_evaluation(tmp / CARRIED, source)
         _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -206,6 +208,13 @@ def _drop_loader_args(config: dict) -> dict:
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _carry_evaluation(path: Path, source: Path | str) -> None:
+    """The source's last held-out metrics travel with the export (the serving page shows them)."""
+    evaluation = last_evaluation(source) if isinstance(source, Path) else None
+    if evaluation is not None:
+        path.write_text(json.dumps(evaluation, indent=2) + "\n", encoding="utf-8")
 
 
 def _write_settings(path: Path, source: Path | str) -> None:
