@@ -26,7 +26,11 @@ def side_python(requirement: str = TRANSFORMERS) -> Path:
         return python
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    venv.EnvBuilder(with_pip=True).create(tmp)
+    try:
+        venv.EnvBuilder(with_pip=True).create(tmp)
+    except (OSError, subprocess.CalledProcessError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        pytest.skip(f"could not create a virtualenv here (venv/ensurepip): {e}")
     pip = [str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     done = subprocess.run([*pip, requirement], capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
