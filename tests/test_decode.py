@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 from torch._dynamo.utils import counters
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from productvlm.inference.decode import (
-    EndRowsFrom,
+    FillerRowsDone,
     bucket_batch,
     bucket_length,
     decode_kwargs,
@@ -89,11 +90,31 @@ def test_pad_rows_adds_text_only_filler_rows(processor):
     assert pad_rows(inputs, 3, 9) is inputs
 
 
-def test_filler_rows_end_at_once():
-    scores = torch.zeros(4, 10)
-    out = EndRowsFrom(2, end_token_id=7)(torch.zeros(4, 1, dtype=torch.long), scores.clone())
-    assert torch.equal(out[:2], scores[:2])
-    assert out[2:].argmax(-1).tolist() == [7, 7] and torch.isinf(out[2:, :7]).all()
+def test_filler_rows_are_done_from_the_first_step():
+    ids = torch.zeros(4, 3, dtype=torch.long)
+    assert FillerRowsDone(3)(ids, None).tolist() == [False, False, False, True]
+
+
+class SeenCriteria(StoppingCriteria):
+    """A caller's per-row criterion: records how many rows it is shown, never stops a row."""
+
+    def __init__(self):
+        self.rows = set()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.rows.add(input_ids.shape[0])
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class SeenProcessor(LogitsProcessor):
+    """A caller's logits processor: records how many rows it is shown, leaves the scores."""
+
+    def __init__(self):
+        self.rows = set()
+
+    def __call__(self, input_ids, scores):
+        self.rows.add(input_ids.shape[0])
+        return scores
 
 
 def test_compiling_is_off_on_cpu_unless_asked(model):
@@ -122,8 +143,18 @@ def test_warmup_compiles_the_decode_step_once(model, processor, compiled_graphs,
 
 def test_compiled_batch_equals_each_prompt_alone_on_the_dynamic_cache(model, processor, compiled_graphs):
     batch = batch_of(processor, PROMPTS[:3])  # 3 rows: one filler row makes bucket 4
-    together = generate_ids(model, batch, 10, True, min_new_tokens=10)
+    criteria, logits = SeenCriteria(), SeenProcessor()
+    together = generate_ids(
+        model,
+        batch,
+        10,
+        True,
+        min_new_tokens=10,
+        stopping_criteria=StoppingCriteriaList([criteria]),
+        logits_processor=LogitsProcessorList([logits]),
+    )
     assert together.shape == (3, 10)
+    assert criteria.rows == logits.rows == {3}  # the filler row stays hidden from the caller
     for i, (prompt, images) in enumerate(PROMPTS[:3]):
         alone = processor(prompt, images)
         dynamic = generate_ids(model, alone, 10, False, min_new_tokens=10)

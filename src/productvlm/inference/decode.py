@@ -20,7 +20,7 @@ import functools
 import time
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16)
 CACHE_MULTIPLE = 256
@@ -84,22 +84,52 @@ def pad_rows(inputs: dict[str, torch.Tensor], rows: int, pad_token_id: int) -> d
     }
 
 
-class EndRowsFrom(LogitsProcessor):
-    """Filler rows (index >= `first`) emit an end token at once, so they never prolong the loop."""
+class FillerRowsDone(StoppingCriteria):
+    """Rows from `first` on are filler: done from the first step, so they never prolong the loop."""
 
-    def __init__(self, first: int, end_token_id: int):
-        self.first, self.end_token_id = first, end_token_id
+    def __init__(self, first: int):
+        self.first = first
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.arange(input_ids.shape[0], device=input_ids.device) >= self.first
+
+
+class RealRowsProcessor(LogitsProcessor):
+    """A caller's logits processors, shown only the first `rows` (real) rows."""
+
+    def __init__(self, processors: LogitsProcessorList, rows: int):
+        self.processors, self.rows = processors, rows
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores[self.first :] = float("-inf")
-        scores[self.first :, self.end_token_id] = 0.0
+        scores[: self.rows] = self.processors(input_ids[: self.rows], scores[: self.rows])
         return scores
 
 
-def _first_id(token_ids) -> int | None:
-    if token_ids is None or isinstance(token_ids, int):
-        return token_ids
-    return next(iter(token_ids), None)
+class RealRowsCriteria(StoppingCriteria):
+    """A caller's stopping criteria, shown only the first `rows` (real) rows; filler rows are done."""
+
+    def __init__(self, criteria: StoppingCriteriaList, rows: int):
+        self.criteria, self.rows = criteria, rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        real_scores = None if scores is None else scores[: self.rows]
+        done[: self.rows] = self.criteria(input_ids[: self.rows], real_scores, **kwargs)
+        return done
+
+
+def _hide_filler_rows(generate_kwargs: dict, rows: int) -> dict:
+    """Callers' processors and criteria see their own rows only (a per-row criterion indexes them)."""
+    processors = generate_kwargs.get("logits_processor")
+    if processors:
+        generate_kwargs["logits_processor"] = LogitsProcessorList(
+            [RealRowsProcessor(LogitsProcessorList(processors), rows)]
+        )
+    criteria = generate_kwargs.get("stopping_criteria")
+    generate_kwargs["stopping_criteria"] = StoppingCriteriaList(
+        [RealRowsCriteria(StoppingCriteriaList(criteria), rows)] if criteria else [FillerRowsDone(rows)]
+    )
+    return generate_kwargs
 
 
 @torch.no_grad()
@@ -124,17 +154,13 @@ def generate_ids(
     extra = decode_kwargs(model, compiled)
     generate_kwargs.setdefault("do_sample", False)
     if extra:
-        gen = model.generation_config
-        pad_id = _first_id(gen.pad_token_id)
-        inputs = pad_rows(inputs, bucket_batch(rows, buckets), 0 if pad_id is None else pad_id)
+        pad_id = model.generation_config.pad_token_id
+        pad_id = pad_id if isinstance(pad_id, int) else 0
+        inputs = pad_rows(inputs, bucket_batch(rows, buckets), pad_id)
         needed = bucket_length(prompt_len + max_new_tokens, cache_multiple)
         extra["max_cache_len"] = max(needed, max_cache_len or 0)
-        end_id = _first_id(generate_kwargs.get("eos_token_id", gen.eos_token_id))
-        if end_id is not None and inputs["input_ids"].shape[0] > rows:
-            processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
-            generate_kwargs["logits_processor"] = LogitsProcessorList(
-                [*processors, EndRowsFrom(rows, end_id)]
-            )
+        if inputs["input_ids"].shape[0] > rows:
+            generate_kwargs = _hide_filler_rows(generate_kwargs, rows)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, **extra, **generate_kwargs)
     return out[:rows, prompt_len:]
 
