@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install browser demo test test-slow bench lint format clean
+.PHONY: install browser demo test test-slow bench bench-gpu lint format clean
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ test-slow: install browser
 
 bench: install
 	$(PY) -m bench.run
+
+# The full-size model on one GPU (< 5 min on an H100): writes bench/results/gpu-*.json; without
+# CUDA it prints why it skipped and exits 0.
+bench-gpu: install
+	$(PY) -m bench.bench_gpu
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench

@@ -1,7 +1,8 @@
 """Generation throughput: batches of 16 vs one prompt at a time, same photos, greedy, same code path.
 
 Both go through `productvlm.training.evaluate.generate_answers` (left-padded batches, the dynamic KV
-cache, positions that skip the padding), with the tiny model and a fixed `max_new_tokens`; only
+cache, positions that skip the padding), with the tiny model and the answer length evaluation uses
+(`eval.max_new_tokens` of configs/tiny-cpu.yaml), every answer forced to that length; only
 `batch_size` differs. The answers must not depend on the batch they were generated in: the match
 rate says how many are identical (fp32; the padding changes the shapes of the matrix products, so a
 near-tie between two tokens could in principle flip).
@@ -19,7 +20,7 @@ from bench.common import catalog, result, tiny_config, tiny_model
 def run(
     prompts: int = 48,
     batch_size: int = 16,
-    max_new_tokens: int = 24,
+    max_new_tokens: int | None = None,
     rows: int = 200,
     rounds: int = 2,
     threads: int = 1,
@@ -36,6 +37,7 @@ def run(
         model = Phi3VForCausalLM.from_pretrained(tiny_model(), dtype=torch.float32)
         processor = Phi3VProcessor.from_pretrained(tiny_model())
         encoder = make_encoder(cfg, processor)
+        max_new_tokens = max_new_tokens or cfg.eval.max_new_tokens
         # every prompt generates exactly max_new_tokens, so both modes do the same decoding work
         model.generation_config.eos_token_id = None
         samples = (rows_of(cfg, "validation") + rows_of(cfg, "test") + rows_of(cfg, "train"))[:prompts]

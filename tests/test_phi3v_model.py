@@ -173,3 +173,20 @@ def test_generation_across_the_longrope_switch_keeps_the_image(tiny_model_dir, p
         )
     assert out.shape[1] > 4097
     assert full.logits[0, n - 1 :].argmax(-1).tolist() == out[0, n:].tolist()
+
+
+def test_prompt_with_image_slots_but_no_images_is_refused(model, processor):
+    inputs = processor(*PROMPTS[0])
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+
+
+def test_decode_step_embeds_without_reading_the_ids(model, processor):
+    """A one-token step never holds an image: no slot count (a host sync that breaks fullgraph compile)."""
+    assert Phi3VForCausalLM._can_compile_fullgraph
+    step = torch.tensor([[processor.image_token_id], [7]])
+    with torch.no_grad():
+        embeds = model.model.embed(step)
+        assert torch.equal(embeds, model.model.embed_tokens(step))
+        explained = torch._dynamo.explain(model.model.embed)(step)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1

@@ -116,7 +116,7 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
     config_class = Phi3VConfig
     _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
     _supports_flex_attn = False
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True  # the decode step: images enter only at prefill
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -145,14 +145,20 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with the image slots filled by the images' features, in order."""
+        """Token embeddings with the image slots filled by the images' features, in order.
+
+        A decode step (one token per row, never an image) returns the plain embeddings without
+        looking at the ids' values: no host-device sync, so the step compiles as one graph.
+        """
         embeds = self.embed_tokens(input_ids)
+        if pixel_values is None:
+            if input_ids.shape[1] > 1:  # a prompt: image slots without images are a caller's mistake
+                n_slots = int((input_ids == self.config.image_token_id).sum())
+                if n_slots:
+                    raise ValueError(f"input_ids hold {n_slots} image slots but no pixel_values were given")
+            return embeds
         slots = input_ids == self.config.image_token_id
         n_slots = int(slots.sum())
-        if pixel_values is None:
-            if n_slots:
-                raise ValueError(f"input_ids hold {n_slots} image slots but no pixel_values were given")
-            return embeds
         if image_sizes is None:
             raise ValueError("pixel_values need image_sizes (the processor returns both)")
         features = self.vision_embed_tokens(pixel_values, image_sizes).to(embeds.dtype)
