@@ -184,3 +184,13 @@ def test_cases_declare_what_they_say():
     for name in ("png", "jpeg", "bmp", "tiff", "gif-screen"):
         with Image.open(io.BytesIO(BUILDERS[name](1234, 567))) as im:
             assert im.size == (1234, 567), name
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_stats_reads_a_hostile_image_as_unreadable(tmp_path):
+    from productvlm.data.stats import image_size
+
+    for name in ("gif-frame-huge", "png-huge", "tiff-zero", "jpeg-truncated-8"):
+        path = tmp_path / f"{name}.jpg"
+        path.write_bytes(CASES[name])
+        assert image_size(path) is None, name

@@ -19,7 +19,7 @@ _JPEG_END = b"\xff\xd9"  # every JPEG the dataset stores ends with this marker
 # What Pillow raises on hostile or broken bytes, besides UnidentifiedImageError (an OSError): decoders
 # read past the end (EOFError, struct.error, IndexError) or parse nonsense (SyntaxError, ValueError), and
 # a header may declare more pixels than Pillow's own bomb limit.
-_PIL_ERRORS = (
+PIL_ERRORS = (
     OSError,
     EOFError,
     SyntaxError,
@@ -57,7 +57,7 @@ def to_dataset_jpeg(data: bytes, limits: ImageLimits = ImageLimits()) -> bytes:
         raise BadImage("too many pixels") from e
     except UnidentifiedImageError as e:
         raise BadImage("not an image") from e
-    except _PIL_ERRORS as e:
+    except PIL_ERRORS as e:
         raise _unreadable(e) from e
     w, h = im.size
     if w * h > limits.max_pixels:
@@ -70,7 +70,7 @@ def to_dataset_jpeg(data: bytes, limits: ImageLimits = ImageLimits()) -> bytes:
         if im.format == "JPEG" and im.mode == "RGB" and not rotated and data.endswith(_JPEG_END):
             return data
         return _encode_rgb(ImageOps.exif_transpose(im) if rotated else im)
-    except _PIL_ERRORS as e:
+    except PIL_ERRORS as e:
         raise _unreadable(e) from e
 
 
@@ -110,5 +110,5 @@ def is_complete_jpeg(path: Path, limits: ImageLimits = ImageLimits()) -> bool:
         with Image.open(path, formats=["JPEG"]) as im:
             w, h = im.size
             return im.mode == "RGB" and 0 < w * h <= limits.max_pixels
-    except _PIL_ERRORS:
+    except PIL_ERRORS:
         return False

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from productvlm.data import folder
+from productvlm.data.images import PIL_ERRORS
 from productvlm.models.phi3v.image_tokens import num_image_tokens
 
 NUM_CROPS: tuple[int, ...] = (1, 4, 16)
@@ -54,7 +55,7 @@ def image_size(path: Path) -> tuple[int, int] | None:
     try:
         with Image.open(path) as im:
             return im.size
-    except (OSError, SyntaxError, ValueError):
+    except PIL_ERRORS:  # a hostile header (a bomb, garbage) counts as unreadable, never a traceback
         return None
 
 
