@@ -68,46 +68,30 @@ def tmp_path_for(path: Path) -> Path:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` so that `path` is either absent, the old file, or complete: temp + fsync + rename."""
-    path = Path(path)
-    tmp = tmp_path_for(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        _name_the_file(e, path)
-        raise
-
-
-def _name_the_file(e: BaseException, path: Path) -> None:
-    """Name the file being written in the error (a full disk raises from write() and fsync() with no
-    name, open() with the temporary's): the user knows the final name."""
-    if isinstance(e, OSError):
-        e.filename = str(path)
+    atomic_write_many({Path(path): data})
 
 
 def atomic_write_many(files: dict[Path, bytes]) -> None:
     """Write several files so that none is replaced unless all could be written (a full disk while
     writing the third leaves the first two as they were): every temporary first, then the renames."""
-    written: list[tuple[Path, Path]] = []
+    pending: list[tuple[Path, Path]] = []
+    path = Path(".")
     try:
         for path, data in files.items():
             tmp = tmp_path_for(Path(path))
-            written.append((tmp, Path(path)))
+            pending.append((tmp, Path(path)))
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+        for tmp, path in pending:
+            os.replace(tmp, path)
     except BaseException as e:
-        for tmp, _ in written:
+        for tmp, _ in pending:
             tmp.unlink(missing_ok=True)
-        _name_the_file(e, written[-1][1] if written else Path("."))
+        if isinstance(e, OSError):  # a full disk raises from write()/fsync() with no name: give ours
+            e.filename = str(path)
         raise
-    for tmp, path in written:
-        os.replace(tmp, path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -224,13 +208,6 @@ def images_dir(out_dir: Path, split: str) -> Path:
     return Path(out_dir) / split / IMAGES
 
 
-def write_metadata(split_dir: Path, rows: list[dict[str, Any]]) -> int:
-    """Write `metadata.jsonl` of one split atomically; returns the row count."""
-    split_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(split_dir / METADATA, metadata_bytes(rows))
-    return len(rows)
-
-
 def metadata_bytes(rows: Iterable[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
 
@@ -273,12 +250,6 @@ def failures_bytes(failures: Sequence[tuple[int, str, str]]) -> bytes:
     for row in sorted(failures, key=lambda f: f[0]):
         w.writerow(row)
     return buf.getvalue().encode("utf-8")
-
-
-def write_failures(out_dir: Path, failures: Sequence[tuple[int, str, str]]) -> Path:
-    path = Path(out_dir) / FAILURES_CSV
-    atomic_write_bytes(path, failures_bytes(failures))
-    return path
 
 
 # ---------------------------------------------------------------- reading
