@@ -41,7 +41,7 @@ test-slow: install browser
 
 # A long random hypothesis search, outside CI (FUZZ_EXAMPLES per test, default 5000). Pin what it finds
 # as an @example or a test so `make test` checks it from then on.
-FUZZ_TESTS ?= tests/test_fuzz.py tests/test_image_bombs.py tests/test_parse.py tests/test_data_folder.py
+FUZZ_TESTS ?= tests/test_fuzz.py tests/test_parse.py tests/test_data_folder.py
 fuzz: install
 	$(PY) -m pytest -q -m "not slow" --hypothesis-profile=fuzz --hypothesis-show-statistics $(FUZZ_TESTS)
 
