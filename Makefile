@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install browser demo test test-slow bench bench-gpu lint format clean
+.PHONY: install browser demo test test-slow fuzz bench bench-gpu lint format clean
 
 install: $(STAMP)
 
@@ -32,11 +32,18 @@ browser:
 demo: install
 	$(PY) -m productvlm.demo
 
+# --hypothesis-profile=ci: derandomized property tests (tests/conftest.py), so a run never fails by chance.
 test: install browser
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --hypothesis-profile=ci
 
 test-slow: install browser
 	$(PY) -m pytest -q -m slow || test $$? -eq 5  # 5 = no slow tests collected
+
+# A long random hypothesis search, outside CI (FUZZ_EXAMPLES per test, default 5000). Pin what it finds
+# as an @example or a test so `make test` checks it from then on.
+FUZZ_TESTS ?= tests/test_fuzz.py tests/test_parse.py tests/test_data_folder.py
+fuzz: install
+	$(PY) -m pytest -q -m "not slow" --hypothesis-profile=fuzz --hypothesis-show-statistics $(FUZZ_TESTS)
 
 bench: install
 	$(PY) -m bench.run

@@ -4,9 +4,23 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Hypothesis: "ci" (the default, and what `make test` selects) draws the same examples on every run and
+# machine, so the suite never fails by chance; "fuzz" (`make fuzz`) is a long random search that keeps
+# what it finds in .hypothesis/ and prints a reproduction blob. Pin what it finds as @example or a test.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None)
+settings.register_profile(
+    "fuzz",
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "5000")),
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 GOLDEN = REFERENCE / "phi3v-golden"

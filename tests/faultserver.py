@@ -12,6 +12,7 @@ a behaviour; it runs aiohttp in a background thread and records every request's 
     /resetonce/NAME  a reset once, then the image       /loop/NAME       302 to itself, forever
     /moved/NAME      302 to /img/NAME                   /tofile/NAME     302 to file:///etc/passwd
     /wrongtype/NAME  the image labelled text/plain      /chunked/NAME    the image, no Content-Length
+    /is/image/BRAND/NAME  the image, at a URL without a file extension (as Burberry's image server)
     anything else, or an unknown NAME: 404
 """
 
@@ -46,6 +47,7 @@ class ImageServer:
         asyncio.set_event_loop(self.loop)
         app = web.Application()
         app.router.add_get("/{mode}/{name}", self._handle)
+        app.router.add_get("/is/image/{brand}/{name}", self._handle)  # Burberry's: no file extension
         self.runner = web.AppRunner(app, shutdown_timeout=0.5, handler_cancellation=True)
         self.loop.run_until_complete(self.runner.setup())
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -55,7 +57,7 @@ class ImageServer:
         self.loop.run_forever()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        mode, name = request.match_info["mode"], request.match_info["name"]
+        mode, name = request.match_info.get("mode", "img"), request.match_info["name"]
         self.counts[request.path] += 1
         self.times[request.path].append(time.monotonic())
         first = self.counts[request.path] == 1

@@ -51,7 +51,7 @@ def test_numbers_match_the_folder(ds):
 
 def test_html_is_self_contained_with_plots(ds, tmp_path):
     page = write_html(compute_stats(ds), tmp_path / "s.html").read_text()
-    assert len(re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]{200,}"', page)) == 4
+    assert len(re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]{200,}"', page)) == 5
     assert "Rows per category" in page and "<table>" in page
     assert not re.search(r'src="(?!data:)', page)  # nothing fetched from elsewhere
 
@@ -67,3 +67,47 @@ def test_cli_stats(ds, tmp_path):
     assert "Rows per split" in res.output and "40 in all" in res.output
     assert (tmp_path / "p.html").stat().st_size > 10_000
     assert json.loads((tmp_path / "s.json").read_text())["total_rows"] == 40
+
+
+def long_tail_folder(root: Path) -> tuple[Path, dict[str, int]]:
+    """60 categories of 40, 39, ... 1... rows: a head and a long tail of rare ones."""
+    counts = {f"CAT-{i:02d}": max(1, 40 - i) for i in range(60)}
+    counts["N.A."] = 1
+    root.mkdir()
+    (root / "train" / "images").mkdir(parents=True)
+    Image.new("RGB", (32, 24)).save(root / "train" / "images" / "a.jpg")
+    rows = [
+        {"file_name": "images/a.jpg", "product_code": i, "category3_code": c, "full_price": 10.0}
+        for i, c in enumerate(c for c, n in counts.items() for _ in range(n))
+    ]
+    folder.write_splits(root, {"train": rows})
+    return root, counts
+
+
+def test_long_tail_of_categories_is_visible(tmp_path):
+    ds, counts = long_tail_folder(tmp_path / "tail")
+    stats = compute_stats(ds)
+    d = stats.summary["category_distribution"]
+    total = sum(counts.values())
+    assert d["categories"] == 61
+    assert d["single_row"] == sum(n == 1 for n in counts.values()) == 22
+    assert d["rare"] == sum(n < 5 for n in counts.values()) and d["rare_rows"] == sum(
+        n for n in counts.values() if n < 5
+    )
+    assert d["top_10_share"] == pytest.approx(sum(sorted(counts.values())[-10:]) / total)
+
+    from rich.console import Console
+
+    from productvlm.data.stats import TERMINAL_CATEGORIES, print_stats
+
+    console = Console(record=True, width=200)
+    print_stats(stats, console)
+    text = console.export_text()
+    rest = 61 - TERMINAL_CATEGORIES
+    assert f"... {rest} more (1-{sorted(counts.values())[rest - 1]} rows each)" in text
+    assert "100.0%" in text  # the cumulative share reaches all rows in the summed-up line
+    assert "22 have 1 row" in text
+
+    page = write_html(stats, tmp_path / "s.html").read_text()
+    assert all(f"<td>{c}</td>" in page for c in counts)  # the page lists every category
+    assert "Category long tail" in page and "22 have 1 row" in page

@@ -21,13 +21,20 @@ from productvlm.config import Config, load_config, validate
 from productvlm.data.fetch import parse_retry_after
 from productvlm.data.images import BadImage, ImageLimits, is_complete_jpeg, to_dataset_jpeg
 from productvlm.data.importer import check_rows
+from productvlm.data.prices import PriceError, read_price
 from productvlm.data.rows import parse_mapping
 from productvlm.data.source import load_table
 from productvlm.errors import UserError
 from productvlm.evaluation.parse import parse_answer, parse_price
 from productvlm.models.phi3v.processing_phi3v import check_placeholders
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# At least 150 examples per test; the profile (tests/conftest.py) decides derandomized or random, and
+# `make fuzz` raises the count.
+FUZZ = settings(
+    max_examples=max(150, settings.default.max_examples),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 # ---------------------------------------------------------------- answer parser (what test_parse.py lacks)
@@ -53,6 +60,58 @@ def test_parser_fields_are_clean_or_none(text):
 def test_parsed_price_is_finite(text):
     for price in (parse_price(text), parse_answer(f"Full Price: {text}").price):
         assert price is None or math.isfinite(price)
+
+
+# ---------------------------------------------------------------- price cells (data/prices.py)
+
+
+def _group(digits: str, sep: str) -> str:
+    head = len(digits) % 3 or 3
+    return sep.join([digits[:head]] + [digits[i : i + 3] for i in range(head, len(digits), 3)])
+
+
+def formatted(cents: int, style: str, mark: str) -> str:
+    """A price of `cents` written as spreadsheets and shops write it."""
+    units, frac = divmod(cents, 100)
+    whole, dec = str(units), f"{frac:02d}"
+    text = {
+        "plain": f"{whole}.{dec}",
+        "us": f"{_group(whole, ',')}.{dec}",
+        "eu": f"{_group(whole, '.')},{dec}",
+        "space": f"{_group(whole, ' ')},{dec}",
+        "swiss": f"{_group(whole, chr(39))}.{dec}",
+    }[style]
+    return f"{mark} {text}" if mark in ("$", "USD", "US$", "CHF") else f"{text} {mark}".strip()
+
+
+@FUZZ
+@given(
+    cents=st.integers(1, 10**11),
+    style=st.sampled_from(["plain", "us", "eu", "space", "swiss"]),
+    mark=st.sampled_from(["", "$", "USD", "US$", "CHF", "€", "EUR", "kr", "zł", "₩"]),
+)
+def test_formatted_prices_read_back(cents, style, mark):
+    text = formatted(cents, style, mark)
+    price = read_price(text)
+    assert price is not None and price.value == pytest.approx(cents / 100), text
+
+
+@FUZZ
+@given(st.one_of(st.text(max_size=20), numbers, st.none(), st.integers(), st.floats(), st.booleans()))
+@example("1e400")
+@example(10**400)
+def test_price_cells_are_a_price_or_a_reason(value):
+    try:
+        price = read_price(value)
+    except PriceError as e:
+        assert e.reason("full_price").split(":")[0] in (
+            "full_price not a number",
+            "negative full_price",
+            "zero full_price",
+            "absurd full_price",
+        )
+        return
+    assert price is None or (math.isfinite(price.value) and 0 < price.value <= 1e9)
 
 
 # ---------------------------------------------------------------- prompt placeholders
@@ -262,7 +321,7 @@ image_bytes = st.one_of(
 
 
 @pytest.mark.filterwarnings("ignore")  # Pillow warns about the corrupt metadata it skips
-@settings(FUZZ, max_examples=400)
+@settings(FUZZ, max_examples=max(400, FUZZ.max_examples))
 @given(image_bytes)
 def test_image_bytes_give_an_rgb_jpeg_or_a_reason(data):
     try:
@@ -281,6 +340,9 @@ def test_image_bytes_give_an_rgb_jpeg_or_a_reason(data):
 @pytest.mark.filterwarnings("ignore")
 @FUZZ
 @given(image_bytes)
+@example(
+    b"GIF89a" + bytes(7) + b",\x00\x00\x00\x00\x00\x25\x00\x4a"
+)  # 9472x18944 frame: a bomb (test_image_bombs.py)
 def test_is_complete_jpeg_never_raises(data):
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "a.jpg").write_bytes(data)
@@ -314,8 +376,10 @@ def test_every_row_is_kept_or_rejected_with_a_reason(rows):
     assert sorted(numbers) == list(range(1, len(rows) + 1))  # each row exactly once
     assert all(reason for _, _, reason in failures)
     codes = [r.values["product_code"] for r in valid]
-    assert len(set(codes)) == len(codes) and all(-(2**63) <= c < 2**63 for c in codes)
-    assert all(math.isfinite(r.values["full_price"]) and r.values["full_price"] >= 0 for r in valid)
+    assert len(set(codes)) == len(codes)
+    assert all(type(c) is int for c in codes) or all(type(c) is str for c in codes)  # one Arrow type
+    assert all(-(2**63) <= c < 2**63 if isinstance(c, int) else 0 < len(c) <= 100 for c in codes)
+    assert all(0 < r.values["full_price"] <= 1e9 for r in valid)
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -353,3 +417,9 @@ def test_any_table_file_loads_or_raises_user_error(suffix, content):
 def test_retry_after_is_seconds_or_none(value):
     wait = parse_retry_after(value)
     assert wait is None or (isinstance(wait, float) and wait >= 0)
+
+
+def test_default_profile_is_derandomized():
+    """`make test` (and a plain pytest run) must draw the same examples every time: CI never fails by luck."""
+    if settings.default.database is not None or not settings.default.derandomize:
+        assert settings.get_current_profile_name() == "fuzz", settings.get_current_profile_name()

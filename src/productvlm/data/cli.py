@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,22 +99,42 @@ def import_cmd(
     split_stratify: bool = typer.Option(
         False, "--split-stratify", help="Same split proportions within every category3_code."
     ),
+    currency: str = typer.Option(
+        None,
+        "--currency",
+        help="ISO code of the prices (e.g. USD), recorded in dataset.json; a price written with another code is refused.",
+    ),
+    max_price: float = typer.Option(
+        1e9, "--max-price", help="Refuse prices above this as absurd (zero and negative are always refused)."
+    ),
+    min_per_category: int = typer.Option(
+        1,
+        "--min-per-category",
+        help="Leave out categories with fewer rows than this (each row listed in failures.csv).",
+    ),
+    drop_category: list[str] = typer.Option(
+        [], "--drop-category", help="Leave out this category3_code (ignoring case), repeatable, e.g. N.A."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Import a catalog table with image URLs or paths into a dataset folder.
 
     Required columns (after --map): product_code, title, category3_code, full_price and the image column.
 
-    Images are fetched concurrently with retries, validated and stored as RGB JPEG; a rerun skips what is already there. Rows left out are listed in OUT/failures.csv with a reason (row = 1-based data row, header not counted).
+    Product codes may be any text (SKUs like AB-1290-BLK); prices may be formatted ($1,290.00, 1.290,00 €). Images are fetched concurrently with retries, validated and stored as RGB JPEG; a rerun skips what is already there. Rows left out are listed in OUT/failures.csv with a reason (row = 1-based data row, header not counted).
     """
     from productvlm.data.fetch import FetchOptions
     from productvlm.data.images import ImageLimits
-    from productvlm.data.importer import import_dataset
-    from productvlm.data.rows import parse_mapping
+    from productvlm.data.importer import Categories, import_dataset
+    from productvlm.data.rows import RowRules, parse_mapping
 
     for name, value in (("--retries", retries), ("--timeout", timeout), ("--backoff", backoff)):
         if value < 0:
             raise UserError(f"{name} must not be negative, got {value}")
+    if currency is not None and not re.fullmatch(r"[A-Za-z]{3}", currency.strip()):
+        raise UserError(f"--currency {currency!r}: expected a three-letter ISO code such as USD, EUR or KRW")
+    if not max_price > 0:
+        raise UserError(f"--max-price must be above 0, got {max_price}")
     result = import_dataset(
         source,
         out,
@@ -122,6 +143,8 @@ def import_cmd(
             concurrency=concurrency, per_host=per_host, timeout=timeout, retries=retries, backoff=backoff
         ),
         limits=ImageLimits(max_pixels=max_pixels, min_side=min_side),
+        rules=RowRules(currency=currency.strip().upper() if currency else None, max_price=max_price),
+        categories=Categories(drop=tuple(drop_category), min_rows=min_per_category),
         split_seed=split_seed,
         fractions=_parse_fractions(split),
         stratify=split_stratify,

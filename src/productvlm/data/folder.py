@@ -20,6 +20,7 @@ import io
 import json
 import os
 import shutil
+import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -67,16 +68,29 @@ def tmp_path_for(path: Path) -> Path:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` so that `path` is either absent, the old file, or complete: temp + fsync + rename."""
-    path = Path(path)
-    tmp = tmp_path_for(path)
+    atomic_write_many({Path(path): data})
+
+
+def atomic_write_many(files: dict[Path, bytes]) -> None:
+    """Write several files so that none is replaced unless all could be written (a full disk while
+    writing the third leaves the first two as they were): every temporary first, then the renames."""
+    pending: list[tuple[Path, Path]] = []
+    path = Path(".")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        for path, data in files.items():
+            tmp = tmp_path_for(Path(path))
+            pending.append((tmp, Path(path)))
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in pending:
+            os.replace(tmp, path)
+    except BaseException as e:
+        for tmp, _ in pending:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk raises from write()/fsync() with no name: give ours
+            e.filename = str(path)
         raise
 
 
@@ -108,9 +122,18 @@ def image_file_name(source: str) -> str:
     return f"{IMAGES}/{image_key(source)}.jpg"
 
 
-def split_hash(product_code: int, seed: int = 0) -> float:
-    """A uniform number in [0, 1) that depends only on (seed, product_code)."""
-    digest = hashlib.sha256(f"{seed}:{int(product_code)}".encode()).digest()
+def code_text(product_code: int | str) -> str:
+    """The text a product code is hashed as: an integer in decimal (`1290`, `"001290"` -> "1290"), any
+    other code as written, stripped and NFC-normalised (`"AB-1290-BLK"`)."""
+    if not isinstance(product_code, str):
+        return str(int(product_code))
+    text = unicodedata.normalize("NFC", product_code.strip())
+    return str(int(text)) if text.isascii() and text.lstrip("+-").isdigit() and len(text) < 30 else text
+
+
+def split_hash(product_code: int | str, seed: int = 0) -> float:
+    """A uniform number in [0, 1) that depends only on (seed, product_code): sha256 of "seed:code_text"."""
+    digest = hashlib.sha256(f"{seed}:{code_text(product_code)}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
@@ -131,13 +154,13 @@ def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     return (float(fractions[0]), float(fractions[1]), float(fractions[2]))
 
 
-def split_of(product_code: int, seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> str:
+def split_of(product_code: int | str, seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> str:
     """The split of one product: a pure function of its product_code (and the seed)."""
     return _bucket(split_hash(product_code, seed), fractions)
 
 
 def assign_splits(
-    product_codes: Sequence[int],
+    product_codes: Sequence[int | str],
     seed: int = 0,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     strata: Sequence[str] | None = None,
@@ -185,48 +208,48 @@ def images_dir(out_dir: Path, split: str) -> Path:
     return Path(out_dir) / split / IMAGES
 
 
-def write_metadata(split_dir: Path, rows: Iterable[dict[str, Any]]) -> int:
-    """Write `metadata.jsonl` of one split atomically; returns the row count."""
-    buf = io.StringIO()
-    n = 0
-    for row in rows:
-        buf.write(json.dumps(row, ensure_ascii=False) + "\n")
-        n += 1
-    split_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(split_dir / METADATA, buf.getvalue())
-    return n
+def metadata_bytes(rows: Iterable[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
 
 
-def write_splits(out_dir: Path, rows_by_split: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
-    """Write every split's metadata. A split with no rows gets no folder (imagefolder rejects empty ones)."""
+def write_splits(
+    out_dir: Path, rows_by_split: dict[str, list[dict[str, Any]]], extra: dict[Path, bytes] | None = None
+) -> dict[str, int]:
+    """Write every split's metadata (and the `extra` files) all or nothing: atomic_write_many.
+
+    A split with no rows gets no folder (imagefolder rejects empty ones).
+    """
+    files: dict[Path, bytes] = dict(extra or {})
     counts = {}
     for split in SPLITS:
         rows = rows_by_split.get(split, [])
-        split_dir = Path(out_dir) / split
+        counts[split] = len(rows)
         if rows:
-            counts[split] = write_metadata(split_dir, rows)
-        else:
-            counts[split] = 0
-            shutil.rmtree(split_dir, ignore_errors=True)
+            (Path(out_dir) / split).mkdir(parents=True, exist_ok=True)
+            files[Path(out_dir) / split / METADATA] = metadata_bytes(rows)
+    atomic_write_many(files)
+    for split in SPLITS:
+        if not counts[split]:
+            shutil.rmtree(Path(out_dir) / split, ignore_errors=True)
     return counts
 
 
+def dataset_json_bytes(info: dict[str, Any]) -> bytes:
+    return json.dumps({"schema_version": SCHEMA_VERSION, **info}, indent=2).encode("utf-8")
+
+
 def write_dataset_json(out_dir: Path, info: dict[str, Any]) -> None:
-    atomic_write_text(
-        Path(out_dir) / DATASET_JSON, json.dumps({"schema_version": SCHEMA_VERSION, **info}, indent=2)
-    )
+    atomic_write_bytes(Path(out_dir) / DATASET_JSON, dataset_json_bytes(info))
 
 
-def write_failures(out_dir: Path, failures: Sequence[tuple[int, str, str]]) -> Path:
+def failures_bytes(failures: Sequence[tuple[int, str, str]]) -> bytes:
     """`failures.csv`: one (row, url, reason) line per source row left out, sorted by row."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["row", "url", "reason"])
     for row in sorted(failures, key=lambda f: f[0]):
         w.writerow(row)
-    path = Path(out_dir) / FAILURES_CSV
-    atomic_write_text(path, buf.getvalue())
-    return path
+    return buf.getvalue().encode("utf-8")
 
 
 # ---------------------------------------------------------------- reading

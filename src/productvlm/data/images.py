@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,20 @@ DEFAULT_MIN_SIDE = 16
 # C code, and EPS would hand the downloaded bytes to Ghostscript.
 PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 _ORIENTATION_TAG = 0x0112
+_JPEG_END = b"\xff\xd9"  # every JPEG the dataset stores ends with this marker
+# What Pillow raises on hostile or broken bytes, besides UnidentifiedImageError (an OSError): decoders
+# read past the end (EOFError, struct.error, IndexError) or parse nonsense (SyntaxError, ValueError), and
+# a header may declare more pixels than Pillow's own bomb limit.
+PIL_ERRORS = (
+    OSError,
+    EOFError,
+    SyntaxError,
+    ValueError,
+    IndexError,
+    TypeError,
+    struct.error,
+    Image.DecompressionBombError,
+)
 
 
 class BadImage(Exception):
@@ -31,7 +46,8 @@ def to_dataset_jpeg(data: bytes, limits: ImageLimits = ImageLimits()) -> bytes:
 
     The size is read from the header and checked against `max_pixels` before any pixel is decoded
     (decompression-bomb guard). Then the image is decoded fully, so a truncated file is caught. An RGB
-    JPEG without an EXIF rotation is kept byte for byte; anything else is converted and re-encoded.
+    JPEG without an EXIF rotation and nothing after its end marker is kept byte for byte; anything else
+    is converted and re-encoded.
     """
     if not data:
         raise BadImage("empty file")
@@ -41,7 +57,7 @@ def to_dataset_jpeg(data: bytes, limits: ImageLimits = ImageLimits()) -> bytes:
         raise BadImage("too many pixels") from e
     except UnidentifiedImageError as e:
         raise BadImage("not an image") from e
-    except (OSError, SyntaxError, ValueError) as e:
+    except PIL_ERRORS as e:
         raise _unreadable(e) from e
     w, h = im.size
     if w * h > limits.max_pixels:
@@ -50,12 +66,12 @@ def to_dataset_jpeg(data: bytes, limits: ImageLimits = ImageLimits()) -> bytes:
         raise BadImage(f"image too small ({w}x{h})")
     try:
         im.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        rotated = im.getexif().get(_ORIENTATION_TAG, 1) not in (0, 1)
+        if im.format == "JPEG" and im.mode == "RGB" and not rotated and data.endswith(_JPEG_END):
+            return data
+        return _encode_rgb(ImageOps.exif_transpose(im) if rotated else im)
+    except PIL_ERRORS as e:
         raise _unreadable(e) from e
-    rotated = im.getexif().get(_ORIENTATION_TAG, 1) not in (0, 1)
-    if im.format == "JPEG" and im.mode == "RGB" and not rotated:
-        return data
-    return _encode_rgb(ImageOps.exif_transpose(im) if rotated else im)
 
 
 def _unreadable(e: Exception) -> BadImage:
@@ -80,10 +96,19 @@ def _encode_rgb(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def is_complete_jpeg(path: Path) -> bool:
-    """Cheap check of a file we wrote earlier (atomically): an RGB JPEG header with a sane size."""
+def is_complete_jpeg(path: Path, limits: ImageLimits = ImageLimits()) -> bool:
+    """Cheap check of a file we wrote earlier (atomically): an RGB JPEG header with a sane size.
+
+    Only the JPEG parser is tried, and any header it cannot make sense of (another format, a bomb, a
+    file without its end marker) means "no": the caller then fetches the image again.
+    """
     try:
-        with Image.open(path) as im:
-            return im.format == "JPEG" and im.mode == "RGB" and min(im.size) > 0
-    except (OSError, SyntaxError, ValueError):
+        with open(path, "rb") as f:
+            f.seek(max(f.seek(0, 2) - 2, 0))
+            if f.read(2) != _JPEG_END:
+                return False
+        with Image.open(path, formats=["JPEG"]) as im:
+            w, h = im.size
+            return im.mode == "RGB" and 0 < w * h <= limits.max_pixels
+    except PIL_ERRORS:
         return False

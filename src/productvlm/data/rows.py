@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +12,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from productvlm.data.folder import CATALOG_COLUMNS
+from productvlm.data.prices import DEFAULT_MAX_PRICE, PriceError, read_price
 from productvlm.errors import UserError
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("product_code", "title", "category3_code", "full_price", "imageurl")
 PRICE_COLUMNS: tuple[str, ...] = ("full_price", "price", "full_price_eur", "price_eur")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
+# Values that stand for "none" in exported catalogs (compared case-insensitively).
+PLACEHOLDERS = frozenset({"-", "--", "?", "n.a.", "n/a", "na", "none", "null", "nil", "nan", "tbd", "#n/a"})
+# A file path or URL is longer than this; shorter image values are placeholders ("N.A.", "null").
+PLACEHOLDER_MAX_CHARS = 4
+MAX_CODE_CHARS = 100
+_NUMERIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class RowRejected(Exception):
@@ -26,6 +34,14 @@ class RowRejected(Exception):
 class ImageSource:
     kind: str  # "url" or "path"
     location: str  # the URL, or an absolute file path
+
+
+@dataclass(frozen=True)
+class RowRules:
+    """Checks on values that depend on the import's options."""
+
+    currency: str | None = None  # --currency: a price written with another currency code is refused
+    max_price: float = DEFAULT_MAX_PRICE
 
 
 @dataclass
@@ -79,37 +95,54 @@ def _blank(v: Any) -> bool:
     return v is None or (isinstance(v, str) and not v.strip()) or (isinstance(v, float) and math.isnan(v))
 
 
-def parse_price(value: Any, column: str) -> float | None:
-    if _blank(value):
-        return None
+def _placeholder(v: Any) -> bool:
+    return _blank(v) or (isinstance(v, str) and v.strip().casefold() in PLACEHOLDERS)
+
+
+def parse_price(value: Any, column: str, rules: RowRules = RowRules()) -> float | None:
+    """The price in a cell (data/prices.py reads it), None when empty; RowRejected with the reason."""
     try:
-        x = float(value.strip() if isinstance(value, str) else value)
-    except (TypeError, ValueError):
-        raise RowRejected(f"{column} not a number: {str(value)[:40]!r}") from None
-    if not math.isfinite(x):
-        raise RowRejected(f"{column} not a number: {value!r}")
-    if x < 0:
-        raise RowRejected(f"negative {column}: {x:g}")
-    return x
+        price = read_price(value, rules.max_price)
+    except PriceError as e:
+        raise RowRejected(e.reason(column)) from None
+    if price is None:
+        return None
+    if rules.currency and price.currency and price.currency != rules.currency:
+        raise RowRejected(f"{column} in {price.currency}, not {rules.currency} (--currency)")
+    return price.value
 
 
-def parse_product_code(value: Any) -> int:
-    if _blank(value):
+def parse_product_code(value: Any) -> int | str:
+    """An int64 for a code that is an integer (`1290`, `"001290"`, `1290.0`), else the code as text.
+
+    Text codes are stripped and NFC-normalised (the same letters typed on two machines are one code);
+    folder.code_text gives the text the split hashes, the same for `1290` and `"1290"`.
+    """
+    if _placeholder(value):
         raise RowRejected("missing product_code")
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise RowRejected(f"bad product_code: {str(value)[:40]!r}")
+    if isinstance(value, int):
         return _int64(value)
-    text = str(value).strip()
-    if re.fullmatch(r"-?\d+", text):
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise RowRejected(f"bad product_code: {value!r}")
+        return _int64(int(value))
+    text = unicodedata.normalize("NFC", value.strip())
+    if re.fullmatch(r"[-+]?\d+", text):
         # exact, where a float would round a long code; 30 digits are out of range already, and
         # int() refuses strings of over 4300 digits with a ValueError
         return _int64(int(text[:30]))
-    try:
+    if _NUMERIC.fullmatch(text):  # "1290.0", "8.0012345E+07" (spreadsheet exports); "12.5" is no code
         x = float(text)
-    except ValueError:
-        x = math.nan
-    if not math.isfinite(x) or x != int(x):
+        if not math.isfinite(x) or x != int(x):
+            raise RowRejected(f"bad product_code: {text[:40]!r}")
+        return _int64(int(x))
+    if len(text) > MAX_CODE_CHARS:
+        raise RowRejected(f"product_code longer than {MAX_CODE_CHARS} characters")
+    if any(unicodedata.category(c)[0] == "C" for c in text):  # control characters, line breaks
         raise RowRejected(f"bad product_code: {text[:40]!r}")
-    return _int64(int(x))
+    return text
 
 
 def _int64(code: int) -> int:
@@ -119,12 +152,18 @@ def _int64(code: int) -> int:
 
 
 def parse_image_source(value: Any, base_dir: Path) -> ImageSource:
-    """An http(s) URL, or a local file path (relative to the source file's folder)."""
-    if _blank(value):
+    """An http(s) URL, or a local file path (relative to the source file's folder).
+
+    Placeholders (`N.A.`, `-`, `none`, any value of 4 characters or fewer) are a missing image url. A URL
+    needs no file extension: the downloaded bytes decide whether it is an image.
+    """
+    if _placeholder(value):
         raise RowRejected("missing image url")
     if not isinstance(value, str):
         raise RowRejected(f"image column holds {type(value).__name__}, expected a URL or a file path")
     s = value.strip()
+    if len(s) <= PLACEHOLDER_MAX_CHARS:
+        raise RowRejected("missing image url")
     m = _SCHEME.match(s)
     if m and len(m.group(1)) > 1:  # one letter is a Windows drive, not a scheme
         scheme = m.group(1).lower()
@@ -147,13 +186,15 @@ def _text(v: Any) -> str | None:
     return None if _blank(v) else str(v).strip()
 
 
-def parse_row(raw: dict[str, Any], number: int, mapping: dict[str, str], base_dir: Path) -> CatalogRow:
+def parse_row(
+    raw: dict[str, Any], number: int, mapping: dict[str, str], base_dir: Path, rules: RowRules = RowRules()
+) -> CatalogRow:
     """Typed catalog values of one source row; raises RowRejected with the reason."""
     get = {c: raw.get(src) for c, src in mapping.items()}
     values: dict[str, Any] = {c: _text(v) for c, v in get.items()}
     values["product_code"] = parse_product_code(get["product_code"])
     for col in PRICE_COLUMNS:
-        values[col] = parse_price(get[col], col)
+        values[col] = parse_price(get[col], col, rules)
     if values["full_price"] is None:
         raise RowRejected("missing price")
     for col in ("title", "category3_code"):

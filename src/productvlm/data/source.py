@@ -28,8 +28,11 @@ class Table:
 
 
 def load_table(source: str, hub_split: str = "train", limit: int | None = None) -> Table:
-    """Load SOURCE: an existing local file by its suffix, else a hub dataset id (streamed)."""
+    """Load SOURCE: an existing local file by its suffix, a local copy of a hub dataset repository, else
+    a hub dataset id (streamed). The local copy goes through the same `datasets` code as a hub id."""
     path = Path(source).expanduser()
+    if is_dataset_repo(path):
+        return _load_hub(str(path), hub_split, limit, base_dir=path.resolve())
     if path.exists():
         return _load_local(source, path, limit)
     if path.suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
@@ -41,7 +44,10 @@ def load_table(source: str, hub_split: str = "train", limit: int | None = None) 
 
 def _load_local(source: str, path: Path, limit: int | None) -> Table:
     if path.is_dir():
-        raise UserError(f"source {source} is a folder: give the table file (CSV, Parquet or JSONL) inside it")
+        raise UserError(
+            f"source {source} is a folder: give the table file (CSV, Parquet or JSONL) inside it, or a "
+            "folder laid out like a hub dataset repository (README.md with its YAML card, data/*.parquet)"
+        )
     if path.stat().st_size == 0:
         raise UserError(f"source file {source} is empty: it needs a header and at least one row")
     suffix = path.suffix.lower()
@@ -157,7 +163,20 @@ def _columns_of(rows: Iterable[dict[str, Any]]) -> list[str]:
     return list(seen)
 
 
-def _load_hub(dataset_id: str, split: str, limit: int | None) -> Table:
+def is_dataset_repo(path: Path) -> bool:
+    """A folder laid out like a hub dataset repository: a README.md dataset card with YAML front matter,
+    or a data/ folder (what `git clone` of the hub repository gives)."""
+    if not path.is_dir():
+        return False
+    readme = path / "README.md"
+    try:
+        card = readme.is_file() and readme.read_text(encoding="utf-8", errors="replace").startswith("---")
+    except OSError:
+        card = False
+    return card or (path / "data").is_dir()
+
+
+def _load_hub(dataset_id: str, split: str, limit: int | None, base_dir: Path | None = None) -> Table:
     """Stream a hub dataset (only the rows, no images yet), so large ones need no full download."""
     import datasets
 
@@ -172,4 +191,4 @@ def _load_hub(dataset_id: str, split: str, limit: int | None) -> Table:
     if not rows:
         raise UserError(f"hub dataset {dataset_id!r} split {split!r} has no rows")
     columns = list(getattr(stream, "column_names", None) or _columns_of(rows))
-    return Table(dataset_id, f"hub:{dataset_id}/{split}", columns, rows, Path.cwd())
+    return Table(dataset_id, f"hub:{dataset_id}/{split}", columns, rows, base_dir or Path.cwd())

@@ -16,9 +16,13 @@ from rich.console import Console
 from rich.table import Table
 
 from productvlm.data import folder
+from productvlm.data.images import PIL_ERRORS
 from productvlm.models.phi3v.image_tokens import num_image_tokens
 
 NUM_CROPS: tuple[int, ...] = (1, 4, 16)
+TERMINAL_CATEGORIES = 25  # the terminal lists the largest categories and sums up the rest
+PLOT_CATEGORIES = 40
+RARE_ROWS = 5  # a category with fewer rows is counted as rare ("the long tail")
 
 
 @dataclass
@@ -51,7 +55,7 @@ def image_size(path: Path) -> tuple[int, int] | None:
     try:
         with Image.open(path) as im:
             return im.size
-    except (OSError, SyntaxError, ValueError):
+    except PIL_ERRORS:  # a hostile header (a bomb, garbage) counts as unreadable, never a traceback
         return None
 
 
@@ -96,6 +100,7 @@ def compute_stats(dataset_dir: str | Path) -> DatasetStats:
             c: {**{s: cnt[s] for s in folder.SPLITS}, "total": sum(cnt.values())}
             for c, cnt in sorted(categories.items(), key=lambda kv: -sum(kv[1].values()))
         },
+        "category_distribution": _category_distribution([sum(c.values()) for c in categories.values()]),
         "full_price": _describe(stats.prices),
         "discounted_fraction": discounted / total if total else 0.0,
         "image_width": _describe([float(w) for w, _ in stats.sizes]),
@@ -114,6 +119,30 @@ def compute_stats(dataset_dir: str | Path) -> DatasetStats:
     return stats
 
 
+def _category_distribution(counts: list[int]) -> dict[str, Any]:
+    """How concentrated the categories are, and how long their tail of rare ones is."""
+    counts = sorted(counts, reverse=True)
+    total = sum(counts) or 1
+    rare = [n for n in counts if n < RARE_ROWS]
+    return {
+        "categories": len(counts),
+        "top_10_share": sum(counts[:10]) / total,
+        "single_row": sum(n == 1 for n in counts),
+        "rare": len(rare),
+        "rare_rows": sum(rare),
+        "rare_share": sum(rare) / total,
+        "rare_means": f"fewer than {RARE_ROWS} rows",
+    }
+
+
+def category_line(stats: DatasetStats) -> str:
+    d = stats.summary["category_distribution"]
+    return (
+        f"categories: {d['categories']}; the 10 largest hold {d['top_10_share']:.1%} of rows; "
+        f"{d['single_row']} have 1 row, {d['rare']} have {d['rare_means']} ({d['rare_share']:.1%} of rows)"
+    )
+
+
 # ---------------------------------------------------------------- rich
 
 
@@ -123,7 +152,9 @@ def _fmt(x: Any) -> str:
     return f"{x:,}" if isinstance(x, int) else str(x)
 
 
-def tables(stats: DatasetStats) -> list[Table]:
+def tables(stats: DatasetStats, max_categories: int | None = None) -> list[Table]:
+    """The tables of `data stats`; with `max_categories`, the category table lists that many of the
+    largest and sums up the others in one row (the terminal); without, every category (the HTML page)."""
     s = stats.summary
     t_split = Table(title=f"Rows per split ({_fmt(s['total_rows'])} in all)")
     for col in ("split", "rows", "images"):
@@ -131,13 +162,24 @@ def tables(stats: DatasetStats) -> list[Table]:
     for split, v in s["splits"].items():
         t_split.add_row(split, _fmt(v["rows"]), _fmt(v["images"]))
 
-    t_cat = Table(title="Rows per category (category3_code)")
+    t_cat = Table(title=f"Rows per category (category3_code), largest first: {category_line(stats)}")
     t_cat.add_column("category")
-    for col in (*folder.SPLITS, "total", "share"):
+    for col in (*folder.SPLITS, "total", "share", "cumulative"):
         t_cat.add_column(col, justify="right")
-    for cat, v in s["categories"].items():
-        share = v["total"] / s["total_rows"] if s["total_rows"] else 0.0
-        t_cat.add_row(cat, *(_fmt(v[k]) for k in (*folder.SPLITS, "total")), f"{share:.1%}")
+    cats = list(s["categories"].items())
+    shown, rest = cats[:max_categories], cats[len(cats[:max_categories]) :]
+    running = 0
+    for cat, v in shown:
+        running += v["total"]
+        t_cat.add_row(cat, *(_fmt(v[k]) for k in (*folder.SPLITS, "total")), *_shares(v["total"], running, s))
+    if rest:
+        sums = {k: sum(v[k] for _, v in rest) for k in (*folder.SPLITS, "total")}
+        sizes = f"{rest[-1][1]['total']}-{rest[0][1]['total']} rows each"
+        t_cat.add_row(
+            f"... {len(rest)} more ({sizes})",
+            *(_fmt(sums[k]) for k in (*folder.SPLITS, "total")),
+            *_shares(sums["total"], running + sums["total"], s),
+        )
 
     t_num = Table(title="Prices and image sizes")
     keys = ("count", "min", "p25", "median", "mean", "p75", "max")
@@ -157,9 +199,14 @@ def tables(stats: DatasetStats) -> list[Table]:
     return [t_split, t_cat, t_num, t_tok]
 
 
+def _shares(n: int, running: int, s: dict[str, Any]) -> tuple[str, str]:
+    total = s["total_rows"] or 1
+    return f"{n / total:.1%}", f"{running / total:.1%}"
+
+
 def print_stats(stats: DatasetStats, console: Console | None = None) -> None:
     console = console or Console()
-    for t in tables(stats):
+    for t in tables(stats, TERMINAL_CATEGORIES):
         console.print(t)
     s = stats.summary
     console.print(
@@ -182,17 +229,33 @@ def plots(stats: DatasetStats) -> dict[str, str]:
 
     s = stats.summary
     out = {}
-    fig = Figure(figsize=(7, 0.35 * max(4, len(s["categories"])) + 1))
+    largest = list(s["categories"].items())[:PLOT_CATEGORIES]
+    rest = list(s["categories"].values())[PLOT_CATEGORIES:]
+    if rest:
+        largest.append((f"{len(rest)} others", {k: sum(v[k] for v in rest) for k in folder.SPLITS}))
+    fig = Figure(figsize=(7, 0.35 * max(4, len(largest)) + 1))
     ax = fig.subplots()
-    cats = list(s["categories"])[::-1]
-    left = [0] * len(cats)
+    names = [c for c, _ in largest][::-1]
+    left = [0] * len(names)
     for split in folder.SPLITS:
-        vals = [s["categories"][c][split] for c in cats]
-        ax.barh(cats, vals, left=left, label=split)
+        vals = [v[split] for _, v in largest][::-1]
+        ax.barh(names, vals, left=left, label=split)
         left = [a + b for a, b in zip(left, vals)]
     ax.set_xlabel("rows")
     ax.legend(loc="lower right")
     out["Rows per category and split"] = _png(fig)
+
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
+    totals = [v["total"] for v in s["categories"].values()]
+    ax.plot(range(1, len(totals) + 1), totals, marker="o", markersize=3, color="#7a5c3e")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.axhline(RARE_ROWS, color="#999", linestyle="--", linewidth=1, label=f"{RARE_ROWS} rows")
+    ax.set_xlabel("category rank (largest first)")
+    ax.set_ylabel("rows")
+    ax.legend(loc="upper right")
+    out["Category long tail: rows per category by rank (log-log)"] = _png(fig)
 
     fig = Figure(figsize=(7, 3.5))
     ax = fig.subplots()
@@ -249,6 +312,7 @@ def to_html(stats: DatasetStats) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>Dataset stats: {html.escape(s['dataset_dir'])}</title>"
         f"<style>{style}</style></head><body><h1>Dataset {html.escape(s['dataset_dir'])}</h1>"
         f"<p>source: {html.escape(str(s['source']))}; discounted rows: {s['discounted_fraction']:.1%}; "
+        f"{html.escape(category_line(stats))}; "
         f"unreadable images: {s['unreadable_images']}</p>{''.join(parts)}</body></html>"
     )
 

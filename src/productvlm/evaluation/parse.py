@@ -7,7 +7,6 @@ the parser also accepts the fields in any order, missing fields (returned as Non
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -40,21 +39,9 @@ class Answer:
 
 def parse_price(text: str) -> float | None:
     """The first number in `text`: `$1,290` -> 1290.0, `1.290,00 EUR` -> 1290.0, `n/a` -> None."""
-    match = _NUMBER_RE.search(text)
-    if match is None:
-        return None
-    raw = re.sub(r"[' \u00a0]", "", match.group(0)).rstrip(",.")
-    sign = -1.0 if raw.startswith("-") else 1.0
-    raw = raw.lstrip("+-")
-    european = _EU_RE.match(raw)  # 1.290,00 -> 1290.00
-    raw = raw.replace(".", "").replace(",", ".") if european else raw.replace(",", "")
-    if raw.count(".") > 1:  # "1.2.3": keep what reads as a number
-        raw = raw[: raw.index(".", raw.index(".") + 1)]
-    try:
-        value = sign * float(raw)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None  # 400 digits parse as inf
+    from productvlm.data.prices import find_price  # the one number reader, shared with `data import`
+
+    return find_price(text)
 
 
 def _clean(value: str) -> str | None:
