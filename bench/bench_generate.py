@@ -25,9 +25,10 @@ def run(
     threads: int = 1,
 ) -> list[dict]:
     """Best of `rounds` rounds, the two modes run in turn (fair under the other users' load)."""
+    from productvlm.inference.generate import generate_answers
     from productvlm.models.phi3v import Phi3VForCausalLM, Phi3VProcessor
-    from productvlm.training.evaluate import generate_answers
-    from productvlm.training.trainer import make_encoder, rows_of
+    from productvlm.prompting.settings import PromptSettings
+    from productvlm.training.trainer import rows_of
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -35,7 +36,7 @@ def run(
         cfg = tiny_config(catalog(rows), "unused")
         model = Phi3VForCausalLM.from_pretrained(tiny_model(), dtype=torch.float32)
         processor = Phi3VProcessor.from_pretrained(tiny_model())
-        encoder = make_encoder(cfg, processor)
+        encoder = PromptSettings.from_config(cfg)
         # every prompt generates exactly max_new_tokens, so both modes do the same decoding work
         model.generation_config.eos_token_id = None
         samples = (rows_of(cfg, "validation") + rows_of(cfg, "test") + rows_of(cfg, "train"))[:prompts]

@@ -24,8 +24,8 @@ from productvlm.data.importer import check_rows
 from productvlm.data.rows import parse_mapping
 from productvlm.data.source import load_table
 from productvlm.errors import UserError
-from productvlm.evaluation.parse import parse_answer, parse_price
 from productvlm.models.phi3v.processing_phi3v import check_placeholders
+from productvlm.prompting.parse import parse_answer, parse_price
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

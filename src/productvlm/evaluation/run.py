@@ -14,9 +14,10 @@ from typing import Any
 from productvlm.data.folder import read_split
 from productvlm.errors import UserError
 from productvlm.evaluation import report
-from productvlm.evaluation.metrics import evaluate, token_f1, truth
-from productvlm.evaluation.parse import parse_answer
-from productvlm.evaluation.predict import Predictor
+from productvlm.inference.predictor import Predictor
+from productvlm.prompting.metrics import evaluate, token_f1, truth
+from productvlm.prompting.parse import parse_answer
+from productvlm.run_folder import find_run
 
 METRICS, PREDICTIONS, REPORT = "metrics.json", "predictions.jsonl", "report.html"
 
@@ -41,11 +42,8 @@ def write_atomic(path: Path, text: str) -> None:
 
 def default_out_dir(model_dir: Path | str, split: str) -> Path:
     """RUN/eval-<split> for a model inside a run folder, else ./eval-<split>."""
-    p = Path(model_dir)
-    for run in (p, p.parent, p.parent.parent):
-        if (run / "config.yaml").is_file() and (run / "final").is_dir():
-            return run / f"eval-{split}"
-    return Path(f"eval-{split}")
+    run = find_run(model_dir)
+    return run / f"eval-{split}" if run else Path(f"eval-{split}")
 
 
 def prediction_record(row: dict[str, Any], raw: str) -> dict[str, Any]:

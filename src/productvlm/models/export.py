@@ -3,7 +3,7 @@
 The result has config.json (`model_type: phi3_v`, `architectures: ["Phi3VForCausalLM"]`, the official
 fields including `rope_scaling.type: su` and `torch_dtype`), `model.safetensors` (or shards + index)
 under the official weight names, each tensor stored once, the tokenizer, processor and generation
-config, and a `config.yaml` with the prompt/num_crops it was trained with (read by serve/predict).
+config, and the prompt settings it was trained with (`prompt_settings.json`, read by serve/predict).
 
 A LoRA adapter is exported only merged (`merge_lora=True`): the merge runs in float32 on the CPU,
 then the weights are cast to the requested dtype. Without the flag an adapter folder is a UserError,
@@ -18,10 +18,9 @@ import os
 import shutil
 from pathlib import Path
 
-import yaml
-
 from productvlm.errors import UserError
-from productvlm.models.loading import DTYPES, is_adapter, load_pretrained, resolve_model_dir, trained_settings
+from productvlm.models.loading import DTYPES, is_adapter, load_pretrained, resolve_model_dir
+from productvlm.prompting.settings import load_prompt_settings
 
 EXPORT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -62,7 +61,7 @@ def export_model(
         net.save_pretrained(tmp, max_shard_size=max_shard_size)
         processor.save_pretrained(tmp)
         _officialize_config(tmp / "config.json", EXPORT_DTYPES[dtype])
-        _write_settings(tmp / "config.yaml", source)
+        load_prompt_settings(source).save(tmp)
         _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -80,11 +79,6 @@ def _officialize_config(path: Path, dtype: str) -> None:
     if rope_theta is not None:
         config.setdefault("rope_theta", rope_theta)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _write_settings(path: Path, source: Path | str) -> None:
-    """The prompt, answer template and num_crops the model was trained with, as `data:` of a run config."""
-    path.write_text(yaml.safe_dump({"data": trained_settings(source)}, sort_keys=False), encoding="utf-8")
 
 
 def _replace(tmp: Path, out: Path) -> None:
