@@ -51,11 +51,15 @@ def verbs() -> list[tuple[str, Any, str]]:
     ]
 
 
-for _name, _run, _help in verbs():
-    if isinstance(_run, typer.Typer):
-        app.add_typer(_run, name=_name, help=_help)
-    else:
-        app.command(_name, help=_help)(_run)
+def _register() -> None:
+    for name, run, help_ in verbs():
+        if isinstance(run, typer.Typer):
+            app.add_typer(run, name=name, help=help_)
+        else:
+            app.command(name, help=help_)(run)
+
+
+_register()
 
 
 def quiet_library_progress() -> None:

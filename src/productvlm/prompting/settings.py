@@ -42,7 +42,7 @@ class PromptSettings:
                 f"the model's prompt uses catalog column(s) {', '.join(columns)}; "
                 "with only a photo to go on, train with a prompt that has no columns"
             )
-        return self.prompt
+        return self.prompt.format_map({})  # as rendered in training ("{{" -> "{")
 
     def save(self, folder: str | Path) -> Path:
         """Write FOLDER/prompt_settings.json (train and export write into a folder renamed into place
