@@ -1,6 +1,6 @@
 """Generation throughput: batches of 16 vs one prompt at a time, same photos, greedy, same code path.
 
-Both go through `productvlm.training.evaluate.generate_answers` (left-padded batches, the dynamic KV
+Both go through `productvlm.inference.generate.generate_answers` (left-padded batches, the dynamic KV
 cache, positions that skip the padding), with the tiny model and the answer length evaluation uses
 (`eval.max_new_tokens` of configs/tiny-cpu.yaml), every answer forced to that length; only
 `batch_size` differs. The answers must not depend on the batch they were generated in: the match
@@ -26,9 +26,10 @@ def run(
     threads: int = 1,
 ) -> list[dict]:
     """Best of `rounds` rounds, the two modes run in turn (fair under the other users' load)."""
+    from productvlm.inference.generate import generate_answers
     from productvlm.models.phi3v import Phi3VForCausalLM, Phi3VProcessor
-    from productvlm.training.evaluate import generate_answers
-    from productvlm.training.trainer import make_encoder, rows_of
+    from productvlm.prompting.settings import PromptSettings
+    from productvlm.training.trainer import rows_of
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -36,7 +37,7 @@ def run(
         cfg = tiny_config(catalog(rows), "unused")
         model = Phi3VForCausalLM.from_pretrained(tiny_model(), dtype=torch.float32)
         processor = Phi3VProcessor.from_pretrained(tiny_model())
-        encoder = make_encoder(cfg, processor)
+        encoder = PromptSettings.from_config(cfg)
         max_new_tokens = max_new_tokens or cfg.eval.max_new_tokens
         # every prompt generates exactly max_new_tokens, so both modes do the same decoding work
         model.generation_config.eos_token_id = None

@@ -32,7 +32,7 @@ def naive_batch(
     processor, encoder, row: dict[str, Any], length: int = NAIVE_LENGTH
 ) -> dict[str, torch.Tensor]:
     """One sample as the common script builds it: padded to `length`, labels on every position."""
-    from productvlm.training.data import load_image
+    from productvlm.inference.inputs import load_image
 
     ids = encoder.prompt_ids(row) + encoder.answer_ids(row)
     pad = processor.tokenizer.pad_token_id

@@ -6,9 +6,9 @@ import eval_helpers
 from productvlm.config import DEFAULT_ANSWER
 from productvlm.data.folder import read_split
 from productvlm.errors import UserError
-from productvlm.evaluation.constrained import TemplateAutomaton, compile_template, known_choices
-from productvlm.evaluation.parse import parse_answer
-from productvlm.evaluation.predict import Predictor
+from productvlm.inference.predictor import Predictor
+from productvlm.prompting.constrained import TemplateAutomaton, compile_template, known_choices
+from productvlm.prompting.parse import parse_answer
 
 CATS = {"category3_code": ["TOTE", "TRENCH COATS", "CAPS"]}
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from productvlm.evaluation.metrics import (
+from productvlm.prompting.metrics import (
     baselines,
     category_metrics,
     ci95,

@@ -89,7 +89,7 @@ def test_export_layout_matches_the_official_one(tiny_model_dir, tmp_path):
         missing = set(json.loads(official.read_text())) - set(config) - ignored
         assert not missing, f"fields of the official config.json missing: {missing}"
     for name in ("model.safetensors.index.json", "generation_config.json", "preprocessor_config.json",
-                 "tokenizer.json", "tokenizer_config.json", "config.yaml"):  # fmt: skip
+                 "tokenizer.json", "tokenizer_config.json", "prompt_settings.json"):  # fmt: skip
         assert (out / name).is_file(), name
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     names = _tensor_names(out)
@@ -131,7 +131,8 @@ def test_cli_commands(tiny_model_dir, tmp_path, monkeypatch):
     import uvicorn
     from typer.testing import CliRunner
 
-    from productvlm.serving.cli import export_command, serve_command
+    from productvlm.models.cli import export_command
+    from productvlm.serving.cli import serve_command
 
     app = typer.Typer()
     app.command("export")(export_command)

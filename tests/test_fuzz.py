@@ -25,8 +25,8 @@ from productvlm.data.prices import PriceError, read_price
 from productvlm.data.rows import parse_mapping
 from productvlm.data.source import load_table
 from productvlm.errors import UserError
-from productvlm.evaluation.parse import parse_answer, parse_price
 from productvlm.models.phi3v.processing_phi3v import check_placeholders
+from productvlm.prompting.parse import parse_answer, parse_price
 
 # At least 150 examples per test; the profile (tests/conftest.py) decides derandomized or random, and
 # `make fuzz` raises the count.

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from productvlm.config import DEFAULT_ANSWER
-from productvlm.evaluation.parse import Answer, parse_answer, parse_price
+from productvlm.prompting.parse import Answer, parse_answer, parse_price
 
 
 @pytest.mark.parametrize(

@@ -47,19 +47,19 @@ def test_predict_csv_with_relative_paths_to_file(eval_run, eval_catalog, tmp_pat
 
 
 def test_predict_matches_eval_generation(eval_run, eval_catalog, tmp_path):
-    """Same model, same prompt settings: predict's raw text equals the batched answers of another batch size."""
-    images = [r["image_path"] for r in read_split(eval_catalog, "test")[:3]]
-    one = [
-        json.loads(x)
-        for x in invoke(*images, "--model", eval_run, "-b", 1).stdout.splitlines()
-        if x[:1] == "{"
-    ]
-    three = [
-        json.loads(x)
-        for x in invoke(*images, "--model", eval_run, "-b", 3).stdout.splitlines()
-        if x[:1] == "{"
-    ]
-    assert [r["raw"] for r in one] == [r["raw"] for r in three]
+    """Same model, same prompt settings: predict (photos only, one at a time) writes the raw answers
+    that eval (catalog rows, batched) wrote to predictions.jsonl."""
+    from productvlm.evaluation.run import evaluate_model
+
+    evaluated = evaluate_model(
+        eval_run, eval_catalog, "test", tmp_path / "eval", batch_size=3, limit=3, device="cpu", progress=False
+    )
+    images = [p["image_path"] for p in evaluated.predictions]
+    result = invoke(*images, "--model", eval_run, "-b", 1)
+    assert result.exit_code == 0, result.output
+    predicted = [json.loads(x) for x in result.stdout.splitlines() if x[:1] == "{"]
+    assert [r["file"] for r in predicted] == images
+    assert [r["raw"] for r in predicted] == [p["raw"] for p in evaluated.predictions]
 
 
 @pytest.mark.parametrize(

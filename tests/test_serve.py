@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from productvlm.evaluation.parse import parse_answer
-from productvlm.models.loading import load_pretrained, trained_settings
-from productvlm.serving.app import ServeSettings, create_app, serving_prompt
+from productvlm.models.loading import load_pretrained
+from productvlm.prompting.parse import parse_answer
+from productvlm.prompting.settings import load_prompt_settings
+from productvlm.serving.app import ServeSettings, create_app
 from productvlm.serving.chat import Message, to_phi3_prompt
 from productvlm.serving.images import ImageLimits
 from serve_helpers import data_url, image_message, png, product_jpeg, running_server
@@ -33,7 +34,7 @@ PROMPT_TEXT = "What is shown in this image?"
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
     model, processor = load_pretrained(tiny_model_dir)
-    return model, processor, trained_settings(tiny_model_dir)
+    return model, processor, load_prompt_settings(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def reference_answer(loaded, prompt: str, jpegs: list[bytes], max_new_tokens: in
 
     model, processor, trained = loaded
     images = [Image.open(io.BytesIO(j)).convert("RGB") for j in jpegs]
-    inputs = processor(prompt, images or None, num_crops=trained["num_crops"])
+    inputs = processor(prompt, images or None, num_crops=trained.num_crops)
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -153,7 +154,7 @@ def test_catalog_endpoint(server, loaded):
     body = r.json()
     assert set(body) == {"title", "category", "price", "raw"}
     assert body["raw"] == reference_answer(
-        loaded, serving_prompt(loaded[2]), [jpeg], LIMITS["catalog_max_tokens"]
+        loaded, loaded[2].photo_prompt(), [jpeg], LIMITS["catalog_max_tokens"]
     )
     parsed = parse_answer(body["raw"])
     assert (body["title"], body["category"], body["price"]) == (parsed.title, parsed.category, parsed.price)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from productvlm.models.loading import load_pretrained, trained_settings
+from productvlm.models.loading import load_pretrained
+from productvlm.prompting.settings import load_prompt_settings
 from productvlm.serving import auth
 from productvlm.serving.app import ServeSettings, create_app
 from serve_helpers import data_url, image_message, product_jpeg, running_server
@@ -19,7 +20,7 @@ MODEL = "tiny"
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
     model, processor = load_pretrained(tiny_model_dir)
-    return model, processor, trained_settings(tiny_model_dir)
+    return model, processor, load_prompt_settings(tiny_model_dir)
 
 
 def _server(loaded, **settings):

@@ -9,7 +9,8 @@ import collections
 import httpx
 import pytest
 
-from productvlm.models.loading import load_pretrained, trained_settings
+from productvlm.models.loading import load_pretrained
+from productvlm.prompting.settings import load_prompt_settings
 from productvlm.serving.app import ServeSettings, create_app
 from serve_helpers import data_url, image_message, product_jpeg, running_server
 
@@ -21,7 +22,7 @@ def test_burst_of_500_requests_all_answered(tiny_model_dir):
     model, processor = load_pretrained(tiny_model_dir)
     # A queue smaller than the concurrency, so that the 503 path is part of the burst.
     settings = ServeSettings(max_queue=40, max_batch_size=8)
-    app = create_app(model, processor, trained_settings(tiny_model_dir), settings)
+    app = create_app(model, processor, load_prompt_settings(tiny_model_dir), settings)
     bodies = [
         {"messages": image_message(data_url(product_jpeg(i % 8))), "max_tokens": 4} for i in range(REQUESTS)
     ]

@@ -2,7 +2,7 @@
 
 from typer.testing import CliRunner
 
-from productvlm.training.cli import app
+from productvlm.cli import app
 from test_train_run import CONFIGS
 
 
@@ -11,6 +11,7 @@ def test_unknown_key_exits_before_any_work(tmp_path):
     result = CliRunner().invoke(
         app,
         [
+            "train",
             "--config",
             str(CONFIGS / "tiny-cpu.yaml"),
             "--set",
@@ -36,7 +37,7 @@ def test_cli_trains_and_prints_the_run_folder(tmp_path):
         "eval.subset=2",
         "tracking.backend=none",
     ]
-    args = ["--config", str(CONFIGS / "tiny-cpu.yaml")] + [x for s in sets for x in ("--set", s)]
+    args = ["train", "--config", str(CONFIGS / "tiny-cpu.yaml")] + [x for s in sets for x in ("--set", s)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert str(out) in result.output.replace("\n", "") and "eval_category_accuracy" in result.output

@@ -8,8 +8,9 @@ from productvlm.config import DEFAULT_ANSWER, DEFAULT_PROMPT
 from productvlm.data.folder import read_split
 from productvlm.data.synth import synthesize
 from productvlm.errors import UserError
+from productvlm.inference.inputs import load_image
 from productvlm.models.phi3v import Phi3VForCausalLM, Phi3VProcessor
-from productvlm.training.data import IGNORE, CatalogDataset, Collator, Encoder, load_image
+from productvlm.training.data import IGNORE, CatalogDataset, Collator, Encoder
 from productvlm.training.trainer import EpochLengthSampler
 
 
@@ -114,7 +115,7 @@ def test_phone_photos_are_read_upright_and_sized_as_read(tmp_path):
     """EXIF orientation 6 (rotated 90 degrees): pixels come upright and the token count uses that size."""
     from PIL import Image
 
-    from productvlm.training.data import image_size, load_image
+    from productvlm.inference.inputs import image_size
 
     stored = Image.new("RGB", (64, 32), (200, 10, 10))
     exif = stored.getexif()

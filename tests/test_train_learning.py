@@ -10,9 +10,11 @@ import pytest
 from productvlm.config import load_config
 from productvlm.data.folder import read_split
 from productvlm.data.synth import synthesize
-from productvlm.training.evaluate import baselines, generate_answers, score
-from productvlm.training.run import load_final, train
-from productvlm.training.trainer import make_encoder
+from productvlm.inference.generate import generate_answers
+from productvlm.models.loading import load_pretrained
+from productvlm.prompting.settings import PromptSettings
+from productvlm.training.evaluate import baselines, score
+from productvlm.training.run import train
 from test_train_run import CONFIGS
 
 
@@ -23,10 +25,10 @@ def learn(data_dir, out, *sets):
     )
     t0 = time.perf_counter()
     result = train(cfg, progress=False)
-    model, processor = load_final(result.final_dir)
+    model, processor = load_pretrained(result.final_dir)
     test = read_split(data_dir, "test")
     answers = generate_answers(
-        model, processor, make_encoder(cfg, processor), test, 32, 32, cfg.data.blank_images
+        model, processor, PromptSettings.from_config(cfg), test, 32, 32, cfg.data.blank_images
     )
     metrics = score(test, answers)
     print(f"{out.name}: {metrics} in {time.perf_counter() - t0:.0f}s")

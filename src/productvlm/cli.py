@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -26,31 +27,39 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
         os.environ["PRODUCTVLM_DEBUG"] = "1"
 
 
-def _register_subcommands() -> None:
+def verbs() -> list[tuple[str, Any, str]]:
+    """The one table of verbs: (name, the command function or sub-app that runs it, help)."""
     from productvlm.data.cli import app as data_app
     from productvlm.evaluation.cli import eval_command, predict_command
     from productvlm.models.cli import app as model_app
-    from productvlm.serving.cli import export_command, serve_command
+    from productvlm.models.cli import export_command
+    from productvlm.serving.cli import serve_command
     from productvlm.training.cli import train
 
-    app.add_typer(data_app, name="data", help="Make, import and inspect catalog datasets.")
-    app.add_typer(model_app, name="model", help="Create and inspect Phi-3-V models.")
-    app.command("train", help="Fine-tune Phi-3-V on a dataset folder (writes a run folder).")(train)
-    app.command(
-        "eval", help="Score a model on a dataset split: metrics.json, predictions.jsonl, report.html."
-    )(eval_command)
-    app.command("predict", help="Catalog entries for product photos, one JSON line per image.")(
-        predict_command
-    )
-    app.command("serve", help="Serve a model over HTTP (OpenAI-compatible API, catalog endpoint, page).")(
-        serve_command
-    )
-    app.command("export", help="Write a standalone model folder in the official Phi-3-V layout.")(
-        export_command
-    )
+    return [
+        ("data", data_app, "Make, import and inspect catalog datasets."),
+        ("model", model_app, "Create and inspect Phi-3-V models."),
+        ("train", train, "Fine-tune Phi-3-V on a dataset folder (writes a run folder)."),
+        (
+            "eval",
+            eval_command,
+            "Score a model on a dataset split: metrics.json, predictions.jsonl, report.html.",
+        ),
+        ("predict", predict_command, "Catalog entries for product photos, one JSON line per image."),
+        ("serve", serve_command, "Serve a model over HTTP (OpenAI-compatible API, catalog endpoint, page)."),
+        ("export", export_command, "Write a standalone model folder in the official Phi-3-V layout."),
+    ]
 
 
-_register_subcommands()
+def _register() -> None:
+    for name, run, help_ in verbs():
+        if isinstance(run, typer.Typer):
+            app.add_typer(run, name=name, help=help_)
+        else:
+            app.command(name, help=help_)(run)
+
+
+_register()
 
 
 def quiet_library_progress() -> None:

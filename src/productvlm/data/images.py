@@ -85,15 +85,25 @@ def _photo_formats() -> list[str]:
 
 
 def _encode_rgb(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    _on_white(im).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _on_white(im: Image.Image) -> Image.Image:
+    """RGB, with transparent pixels composited onto white (a plain convert would make them black)."""
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         rgb = Image.new("RGB", rgba.size, (255, 255, 255))
         rgb.paste(rgba, mask=rgba.getchannel("A"))
-    else:
-        rgb = im.convert("RGB")
-    buf = io.BytesIO()
-    rgb.save(buf, "JPEG", quality=95)
-    return buf.getvalue()
+        return rgb
+    return im.convert("RGB")
+
+
+def normalize_photo(im: Image.Image) -> Image.Image:
+    """The photo as the model sees it everywhere (import, training, eval, predict, serving): upright
+    (EXIF orientation applied), transparent pixels on white, RGB. Decodes the pixels."""
+    return _on_white(ImageOps.exif_transpose(im))
 
 
 def is_complete_jpeg(path: Path, limits: ImageLimits = ImageLimits()) -> bool:

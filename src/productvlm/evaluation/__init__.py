@@ -1,1 +1,1 @@
-"""Evaluation: parse generated answers and score them."""
+"""`eval` and `predict`: generate on a split, score it and write the report; catalog entries for photos."""

@@ -120,7 +120,8 @@ def predict_command(
     dtype: str = typer.Option("auto", "--dtype"),
 ) -> None:
     """Catalog entries for product photos: one JSON object per image (file, title, category, price, raw)."""
-    from productvlm.evaluation.predict import Predictor, check_images, predict, read_image_csv
+    from productvlm.evaluation.predict import check_images, predict, read_image_csv
+    from productvlm.inference.predictor import Predictor
 
     if bool(images) == bool(input_csv):
         raise UserError("give image files or --input FILE.csv (one of the two)")
@@ -142,8 +143,3 @@ def predict_command(
     output.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(output, lines)
     console.print(f"[bold green]done[/] {len(records)} predictions -> {output}")
-
-
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-app.command("eval")(eval_command)
-app.command("predict")(predict_command)

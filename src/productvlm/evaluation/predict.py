@@ -1,8 +1,5 @@
-"""Run a trained model on rows or image files: the model is prompted exactly as it was trained.
-
-`Predictor` loads a model folder (full, adapter or run folder) with the run's prompt, answer template
-and num_crops (`trained_settings`), and answers rows in batches with a rich progress bar.
-"""
+"""`predict`: catalog entries for image files, with the model prompted exactly as it was trained
+(`inference.predictor.Predictor` loads it with its prompt settings)."""
 
 from __future__ import annotations
 
@@ -12,93 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from productvlm.data.progress import progress_bar
 from productvlm.errors import UserError
-from productvlm.evaluation.constrained import AnswerConstraint, known_choices
-from productvlm.evaluation.parse import parse_answer
-from productvlm.models.loading import load_pretrained, resolve_model_dir, trained_settings
-from productvlm.training.data import Encoder
-from productvlm.training.evaluate import generate_answers
-
-MAX_PROMPT_TOKENS = 1 << 20  # the prompt budget is a training concern; inference takes what it gets
-
-
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def pick_dtype(dtype: str, device: str) -> str:
-    if dtype == "auto":
-        return "bfloat16" if device.startswith("cuda") else "float32"
-    return dtype
-
-
-class Predictor:
-    """A loaded model with its processor and the prompt settings it was trained with."""
-
-    def __init__(
-        self,
-        model_path: str | Path,
-        num_crops: int | None = None,
-        device: str = "auto",
-        dtype: str = "auto",
-        max_new_tokens: int = 64,
-    ):
-        self.model_dir = resolve_model_dir(model_path)
-        self.settings = trained_settings(self.model_dir)
-        if num_crops is not None:
-            self.settings["num_crops"] = num_crops
-        device = pick_device(device)
-        self.model, self.processor = load_pretrained(self.model_dir, pick_dtype(dtype, device), device)
-        self.encoder = Encoder(
-            self.processor,
-            self.settings["prompt"],
-            self.settings["answer"],
-            self.settings["num_crops"],
-            MAX_PROMPT_TOKENS,
-        )
-        self.max_new_tokens = max_new_tokens
-        self.constraint: AnswerConstraint | None = None
-
-    @property
-    def num_crops(self) -> int:
-        return self.settings["num_crops"]
-
-    def constrain(self, train_rows: Sequence[dict[str, Any]]) -> None:
-        """Restrict decoding to the answer template, with the categories seen in `train_rows`."""
-        eos = self.model.generation_config.eos_token_id
-        self.constraint = AnswerConstraint(
-            self.processor.tokenizer,
-            self.settings["answer"],
-            known_choices(self.settings["answer"], train_rows),
-            eos if isinstance(eos, list) else [eos],
-            self.max_new_tokens,
-        )
-
-    def answers(
-        self,
-        rows: Sequence[dict[str, Any]],
-        batch_size: int = 8,
-        progress: bool = True,
-        what: str = "generating",
-    ) -> list[str]:
-        """Raw answers, one per row (`image_path` is required; template columns when the prompt uses them)."""
-        with progress_bar(what, len(rows), enabled=progress) as advance:
-            return generate_answers(
-                self.model,
-                self.processor,
-                self.encoder,
-                list(rows),
-                self.max_new_tokens,
-                batch_size,
-                advance=advance,
-                constraint=self.constraint,
-            )
+from productvlm.inference.predictor import Predictor
+from productvlm.prompting.parse import parse_answer
 
 
 def check_images(paths: Sequence[str | Path], where: str = "") -> None:
@@ -148,4 +63,4 @@ def predict(
     return out
 
 
-__all__ = ["Predictor", "predict", "read_image_csv", "check_images", "pick_device", "pick_dtype"]
+__all__ = ["predict", "read_image_csv", "check_images"]

@@ -21,6 +21,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import ConfusionMatrixDisplay
 
+from productvlm.data.images import normalize_photo
+from productvlm.run_folder import LOG, find_run
+
 N_WORST = 12
 THUMB = 160
 NONE_LABEL = "(none)"
@@ -248,7 +251,7 @@ def thumbnail(path: str | None) -> str:
         return ""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = normalize_photo(im)
             im.thumbnail((THUMB, THUMB))
             buf = io.BytesIO()
             im.save(buf, format="JPEG", quality=80)
@@ -280,11 +283,8 @@ def worst_table(preds: list[dict[str, Any]], n: int = N_WORST) -> str:
 
 def find_train_log(model_dir: str | Path) -> Path | None:
     """RUN/train_log.jsonl when the model is RUN, RUN/final or RUN/final/adapter."""
-    p = Path(model_dir)
-    for run in (p, p.parent, p.parent.parent):
-        if (run / "train_log.jsonl").is_file() and (run / "final").is_dir():
-            return run / "train_log.jsonl"
-    return None
+    run = find_run(model_dir)
+    return run / LOG if run and (run / LOG).is_file() else None
 
 
 def _figure(b64: str | None, caption: str, fig_id: str) -> str:

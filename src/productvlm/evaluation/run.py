@@ -14,10 +14,10 @@ from typing import Any
 from productvlm.data.folder import read_split
 from productvlm.errors import UserError
 from productvlm.evaluation import report
-from productvlm.evaluation.metrics import evaluate, token_f1, truth
-from productvlm.evaluation.parse import parse_answer
-from productvlm.evaluation.predict import Predictor
+from productvlm.inference.predictor import Predictor
 from productvlm.models.evaluations import eval_dir
+from productvlm.prompting.metrics import evaluate, token_f1, truth
+from productvlm.prompting.parse import parse_answer
 
 METRICS, PREDICTIONS, REPORT = "metrics.json", "predictions.jsonl", "report.html"
 

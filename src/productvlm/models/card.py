@@ -16,9 +16,9 @@ from productvlm.models.evaluations import (
     held_out_metrics,
     last_evaluation,
     model_dataset,
-    run_folder,
 )
-from productvlm.models.loading import trained_settings
+from productvlm.prompting.settings import PromptSettings, load_prompt_settings
+from productvlm.run_folder import find_run
 
 TRAIN_KEYS = (
     "method",
@@ -34,11 +34,11 @@ TRAIN_KEYS = (
 
 
 def write_model_card(path: Path, source: Path | str, name: str, dtype: str, base: str | None) -> None:
-    run = run_folder(source) if isinstance(source, Path) else None
+    run = find_run(source) if isinstance(source, Path) else None
     config = read_yaml(run / "config.yaml") if run is not None else {}
     evaluation = last_evaluation(source) if isinstance(source, Path) else None
     dataset = model_dataset(source, evaluation)
-    settings = trained_settings(source)
+    settings = load_prompt_settings(source)
     metadata = _metadata(name, base, dataset, evaluation)
     body = [
         f"# {name}",
@@ -89,20 +89,20 @@ def _metadata(name: str, base: str | None, dataset: str | None, evaluation: dict
     return metadata
 
 
-def _prompt_section(settings: dict, currency: str | None) -> list[str]:
+def _prompt_section(settings: PromptSettings, currency: str | None) -> list[str]:
     return [
         "## Prompt and answer",
         "",
-        f"The prompt it was trained with (`num_crops={settings['num_crops']}`); `<|image_1|>` is the photo:",
+        f"The prompt it was trained with (`num_crops={settings.num_crops}`); `<|image_1|>` is the photo:",
         "",
         "```text",
-        settings["prompt"],
+        settings.prompt,
         "```",
         "",
         "The answer template (catalog columns in braces):",
         "",
         "```text",
-        settings["answer"],
+        settings.answer,
         "```",
         "",
         f"Prices are in {currency}." if currency else "The training data does not name the prices' currency.",
@@ -155,14 +155,14 @@ def _evaluation_section(evaluation: dict | None) -> list[str]:
     ]
 
 
-def _usage_section(name: str, settings: dict) -> list[str]:
+def _usage_section(name: str, settings: PromptSettings) -> list[str]:
     return [
         "## Use",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoProcessor",
         f'model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True, torch_dtype="auto")',
-        f'processor = AutoProcessor.from_pretrained("{name}", trust_remote_code=True, num_crops={settings["num_crops"]})',
+        f'processor = AutoProcessor.from_pretrained("{name}", trust_remote_code=True, num_crops={settings.num_crops})',
         "```",
         "",
         f"or `productvlm serve --model {name}` (OpenAI-compatible API and a page).",

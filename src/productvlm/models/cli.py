@@ -1,4 +1,4 @@
-"""`productvlm model ...`: make and inspect Phi-3-V model folders."""
+"""`productvlm model ...` (make and inspect Phi-3-V model folders) and `productvlm export`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from productvlm.errors import UserError
 
 app = typer.Typer(no_args_is_help=True)
 console = Console()
+err_console = Console(stderr=True)  # export: stdout stays free
 
 
 @app.command("init")
@@ -58,3 +59,19 @@ def info(model_dir: Path = typer.Argument(..., help="A model folder (official la
         tokens = num_image_tokens(1000, 1000, crops, config.crop_size, config.tokens_per_side)
         table.add_row(f"tokens, 1000x1000 @ {crops} crops", str(tokens))
     console.print(table)
+
+
+def export_command(
+    model: Path = typer.Option(..., "--model", help="Model, LoRA adapter or run folder."),
+    out: Path = typer.Option(..., "--out", help="Folder to write (official Phi-3-V layout)."),
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="Merge a LoRA adapter into its base."),
+    dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+) -> None:
+    """Write a standalone model folder in the official layout (config.json phi3_v, safetensors, processor)."""
+    from productvlm.models.export import export_model
+
+    with err_console.status(f"exporting {model} -> {out}"):
+        written = export_model(model, out, merge_lora=merge_lora, dtype=dtype, overwrite=overwrite)
+    files = sorted(p.name for p in written.iterdir())
+    err_console.print(f"wrote {written}: {', '.join(files)}")

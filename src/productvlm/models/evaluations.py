@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from productvlm.run_folder import CONFIG, find_run
+
 HELD_OUT = ("test", "validation")
 METRICS = "metrics.json"
 CARRIED = "evaluation.json"  # an export's copy of its source's last evaluation
@@ -28,18 +30,9 @@ CARD_METRICS = [
 ]
 
 
-def run_folder(model_dir: Path | str) -> Path | None:
-    """The run folder (config.yaml + final/) holding `model_dir`: RUN, RUN/final or RUN/final/adapter."""
-    p = Path(model_dir)
-    for run in (p, p.parent, p.parent.parent):
-        if (run / "config.yaml").is_file() and (run / "final").is_dir():
-            return run
-    return None
-
-
 def eval_dir(model_dir: Path | str, split: str) -> Path:
     """RUN/eval-<split> for a model inside a run folder, else ./eval-<split>."""
-    run = run_folder(model_dir)
+    run = find_run(model_dir)
     return run / f"eval-{split}" if run is not None else Path(f"eval-{split}")
 
 
@@ -57,7 +50,7 @@ def last_evaluation(model_dir: Path | str) -> dict[str, Any] | None:
         metrics = _read(path)
         if metrics is None or metrics.get("split", split) != split:
             continue
-        if run_folder(model_dir) is None and not _same_model(metrics.get("model"), model_dir):
+        if find_run(model_dir) is None and not _same_model(metrics.get("model"), model_dir):
             continue
         found.append((path.stat().st_mtime, metrics))
     return max(found, key=lambda f: f[0])[1] if found else None
@@ -79,8 +72,8 @@ def model_dataset(model_dir: Path | str, evaluation: dict[str, Any] | None = Non
     """The dataset folder the model was evaluated on, else the one its run trained on."""
     if evaluation and evaluation.get("data"):
         return str(evaluation["data"])
-    run = run_folder(model_dir)
-    config = _read_yaml(run / "config.yaml") if run is not None else {}
+    run = find_run(model_dir)
+    config = _read_yaml(run / CONFIG) if run is not None else {}
     return (config.get("data") or {}).get("dir")
 
 
@@ -146,7 +139,6 @@ __all__ = [
     "model_dataset",
     "model_summary",
     "dataset_currency",
-    "run_folder",
     "HELD_OUT",
     "CARRIED",
 ]

@@ -3,7 +3,7 @@
 The result has config.json (`model_type: phi3_v`, `architectures: ["Phi3VForCausalLM"]`, the official
 fields including `rope_scaling.type: su` and `torch_dtype`), `model.safetensors` (or shards + index)
 under the official weight names, each tensor stored once, the tokenizer, processor and generation
-config, and a `config.yaml` with the prompt/num_crops it was trained with (read by serve/predict).
+config, and the prompt settings it was trained with (`prompt_settings.json`, read by serve/predict).
 The tokenizer and processor files carry the official classes and fields (`LlamaTokenizer`, no loader
 arguments), so transformers 4.x loads them too, and `auto_map` entries name Microsoft's hub code for
 `trust_remote_code=True` users (productvlm's own loaders ignore auto_map). `README.md` is the model card;
@@ -22,20 +22,19 @@ import os
 import shutil
 from pathlib import Path
 
-import yaml
-
 from productvlm.config import read_yaml
 from productvlm.errors import UserError
 from productvlm.models.card import write_model_card
-from productvlm.models.evaluations import CARRIED, last_evaluation, run_folder
+from productvlm.models.evaluations import CARRIED, last_evaluation
 from productvlm.models.loading import (
     DTYPES,
     adapter_base,
     is_adapter,
     load_pretrained,
     resolve_model_dir,
-    trained_settings,
 )
+from productvlm.prompting.settings import load_prompt_settings
+from productvlm.run_folder import find_run
 
 EXPORT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Microsoft's repos and where each keeps its image processor (auto_map values are "<repo>--<module.Class>").
@@ -100,7 +99,7 @@ def export_model(
         base = base_model(source)
         _officialize_config(tmp / "config.json", EXPORT_DTYPES[dtype], hub_code_repo(base))
         _officialize_processor(tmp, hub_code_repo(base), net.config.max_position_embeddings)
-        _write_settings(tmp / "config.yaml", source)
+        load_prompt_settings(source).save(tmp)
         write_model_card(tmp / "README.md", source, out.name, EXPORT_DTYPES[dtype], base)
         _carry_evaluation(tmp / CARRIED, source)
         _replace(tmp, out)
@@ -114,7 +113,7 @@ def base_model(source: Path | str) -> str | None:
     its adapter's base; None for presets and local folders."""
     if isinstance(source, str):
         return source
-    run = run_folder(source)
+    run = find_run(source)
     if run is not None:
         path = str((read_yaml(run / "config.yaml").get("model") or {}).get("path", ""))
         return path if _is_hub_id(path) else None
@@ -215,11 +214,6 @@ def _carry_evaluation(path: Path, source: Path | str) -> None:
     evaluation = last_evaluation(source) if isinstance(source, Path) else None
     if evaluation is not None:
         path.write_text(json.dumps(evaluation, indent=2) + "\n", encoding="utf-8")
-
-
-def _write_settings(path: Path, source: Path | str) -> None:
-    """The prompt, answer template and num_crops the model was trained with, as `data:` of a run config."""
-    path.write_text(yaml.safe_dump({"data": trained_settings(source)}, sort_keys=False), encoding="utf-8")
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from productvlm.errors import UserError
 from productvlm.models.phi3v import Phi3VForCausalLM, Phi3VProcessor
+from productvlm.run_folder import FINAL
 
 ADAPTER_CONFIG = "adapter_config.json"
 EXTRA_TRAINABLES = "extra_trainables.safetensors"  # lora+projector: img_projection, glb_GN, sub_GN
@@ -35,8 +36,8 @@ def resolve_model_dir(path: str | Path) -> Path | str:
         if str(path).count("/") == 1 and not str(path).startswith((".", "/")):
             return str(path)  # a hub id like microsoft/Phi-3-vision-128k-instruct
         raise UserError(f"model {path}: no such folder")
-    if (p / "final").is_dir() and not (p / "config.json").is_file():
-        p = p / "final"
+    if (p / FINAL).is_dir() and not (p / "config.json").is_file():
+        p = p / FINAL
     if not (p / "config.json").is_file() and not (p / ADAPTER_CONFIG).is_file():
         raise UserError(
             f"model {p}: neither a model folder (config.json) nor a LoRA adapter ({ADAPTER_CONFIG})"
@@ -99,21 +100,6 @@ def load_pretrained(
     return model.to(device).eval(), processor
 
 
-def trained_settings(path: str | Path) -> dict:
-    """How the model at `path` was trained: {"prompt", "answer", "num_crops"} from its run's
-    config.yaml (RUN/final or RUN/final/adapter), else the defaults (the official prompt, 4 crops)."""
-    from productvlm.config import DEFAULT_ANSWER, DEFAULT_PROMPT, read_yaml
-
-    settings = {"prompt": DEFAULT_PROMPT, "answer": DEFAULT_ANSWER, "num_crops": 4}
-    p = Path(path)
-    for candidate in (p / "config.yaml", p.parent / "config.yaml", p.parent.parent / "config.yaml"):
-        if candidate.is_file() and "data" in (cfg := read_yaml(candidate)):
-            data = cfg["data"]
-            settings.update({k: data[k] for k in ("prompt", "answer", "num_crops") if k in data})
-            break
-    return settings
-
-
 def _refuse_pickle_adapter(adapter: Path) -> None:
     """peft falls back to adapter_model.bin (a pickle) when there is no adapter_model.safetensors."""
     if not (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_model.bin").is_file():
@@ -141,7 +127,6 @@ def load_extra_trainables(model, folder: Path) -> None:
 __all__ = [
     "load_pretrained",
     "load_extra_trainables",
-    "trained_settings",
     "resolve_model_dir",
     "is_adapter",
     "adapter_base",

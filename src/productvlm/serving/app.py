@@ -1,7 +1,7 @@
 """The HTTP API: OpenAI-compatible chat completions, the catalog upload endpoint, health, metrics, a page.
 
-`create_app(model, processor, trained, settings)` builds the FastAPI app around a loaded model;
-`app_from_folder(model_dir, settings)` loads any folder `load_pretrained` reads first.
+`create_app(model, processor, trained, settings)` builds the FastAPI app around a loaded model and
+its prompt settings; `app_from_folder(model_dir, settings)` loads any folder `load_pretrained` reads first.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from productvlm.errors import UserError
-from productvlm.evaluation.parse import parse_answer
+from productvlm.prompting.parse import parse_answer
+from productvlm.prompting.settings import PromptSettings
 from productvlm.serving.auth import APIKeyMiddleware
 from productvlm.serving.batching import Batcher, Engine, Sampling
 from productvlm.serving.chat import (
@@ -85,29 +85,19 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-def serving_prompt(trained: dict) -> str:
-    """The training prompt as the model saw it (templates are str.format'ed with the row)."""
-    try:
-        return trained["prompt"].format_map({})
-    except (KeyError, IndexError, ValueError) as e:
-        raise UserError(
-            f"the model's training prompt uses catalog columns ({e}); the catalog endpoint has only the photo"
-        ) from e
-
-
 def create_app(
     model,
     processor,
-    trained: dict,
+    trained: PromptSettings,
     settings: ServeSettings | None = None,
     address_allowed: Callable[[str], bool] = is_public,
     model_info: dict | None = None,
 ) -> FastAPI:
-    """The app around a loaded model. `trained` = trained_settings(model_dir) (prompt, num_crops);
+    """The app around a loaded model. `trained` = load_prompt_settings(model_dir) (prompt, num_crops).
     `model_info` = models.evaluations.model_summary(model_dir) (last evaluation, currency) for the page."""
     settings = settings or ServeSettings()
-    engine = Engine(model, processor, int(trained["num_crops"]))
-    prompt = serving_prompt(trained)
+    engine = Engine(model, processor, trained.num_crops)
+    prompt = trained.photo_prompt()
     metrics = Metrics()
     fetcher = RemoteFetcher(settings.images, address_allowed)
     batcher = Batcher(
@@ -265,9 +255,9 @@ def app_from_folder(
     model_dir: str | Path, settings: ServeSettings | None = None, dtype="float32", device="cpu"
 ):
     from productvlm.models.evaluations import model_summary
-    from productvlm.models.loading import load_pretrained, resolve_model_dir, trained_settings
+    from productvlm.models.loading import load_pretrained, resolve_model_dir
 
     model, processor = load_pretrained(model_dir, dtype=dtype, device=device)
     where = resolve_model_dir(model_dir)
     info = model_summary(where) if isinstance(where, Path) else None
-    return create_app(model, processor, trained_settings(where), settings, model_info=info)
+    return create_app(model, processor(where), settings, model_info=info)

@@ -16,20 +16,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-
 from productvlm.errors import UserError
+from productvlm.inference.generate import RowStops, generate, stop_ids
+from productvlm.inference.inputs import Prepared, batch, prepare
 from productvlm.serving.errors import APIError
-
-
-@dataclass
-class Prepared:
-    """A request in model terms: prompt ids and its images' pixel values (None without images)."""
-
-    ids: list[int]
-    pixel_values: torch.Tensor | None = None
-    image_sizes: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -62,44 +52,24 @@ class Engine:
     def __init__(self, model, processor, num_crops: int):
         self.model, self.processor, self.num_crops = model, processor, num_crops
         self.device = next(model.parameters()).device
-        eos = model.generation_config.eos_token_id
-        self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
-        self.eos_ids.add(processor.tokenizer.convert_tokens_to_ids("<|end|>"))
+        self.stops = stop_ids(model, processor)
 
     def prepare(self, prompt: str, images: list) -> Prepared:
         """Tokenize `prompt` (placeholders <|image_1|>..) with `images`; 400 on placeholder mistakes."""
-        pixel_values = image_sizes = None
-        tokens: list[int] = []
-        if images:
-            out = self.processor.image_processor(images, num_crops=self.num_crops, return_tensors="pt")
-            pixel_values, image_sizes = out["pixel_values"], out["image_sizes"]
-            tokens = [int(n) for n in out["num_img_tokens"]]
         try:
-            ids = self.processor.encode_prompt(prompt, tokens)
+            return prepare(self.processor, prompt, images, self.num_crops)
         except UserError as e:
             raise APIError(400, str(e), code="invalid_prompt") from e
-        return Prepared(ids, pixel_values, image_sizes)
 
-    @torch.inference_mode()
     def generate(self, jobs: list[Job]) -> list[Completion]:
         """One left-padded `generate` for jobs with the same sampling settings."""
-        batch = self.processor.pad([j.inputs.ids for j in jobs], "left")
-        inputs = {k: v.to(self.device) for k, v in batch.items()}
-        with_images = [j.inputs for j in jobs if j.inputs.pixel_values is not None]
-        if with_images:
-            inputs["pixel_values"] = torch.cat([p.pixel_values for p in with_images]).to(self.device)
-            inputs["image_sizes"] = torch.cat([p.image_sizes for p in with_images]).to(self.device)
+        inputs = batch(self.processor, [j.inputs for j in jobs], self.device)
         sampling = jobs[0].sampling
-        progress = RowProgress(jobs, self.eos_ids, self.processor.tokenizer)
-        kwargs = {"do_sample": False}
+        kwargs = {}
         if sampling.temperature > 0:
             kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
-        self.model.generate(
-            **inputs,
-            max_new_tokens=max(j.max_tokens for j in jobs),
-            stopping_criteria=StoppingCriteriaList([progress]),
-            **kwargs,
-        )
+        streams = Streams(jobs, self.processor.tokenizer)
+        rows = generate(self.model, inputs, [j.max_tokens for j in jobs], self.stops, streams, **kwargs)
         return [
             Completion(
                 text=self.processor.decode(tokens, skip_special_tokens=True),
@@ -107,37 +77,22 @@ class Engine:
                 completion_tokens=len(tokens),
                 finish_reason=finish,
             )
-            for job, tokens, finish in zip(jobs, progress.tokens, progress.finish)
+            for job, tokens, finish in zip(jobs, rows.tokens, rows.finish)
         ]
 
 
-class RowProgress(StoppingCriteria):
-    """Per-row bookkeeping at every decoding step: collects each row's tokens up to its end token or
-    its own max_tokens, streams the new text of streaming rows, and tells generate which rows are done."""
+class Streams:
+    """Sends each streaming row its new text as the batch decodes (called by `RowStops` per row step)."""
 
-    def __init__(self, jobs: list[Job], eos_ids: set[int], tokenizer):
-        self.jobs, self.eos_ids, self.tokenizer = jobs, eos_ids, tokenizer
-        self.tokens: list[list[int]] = [[] for _ in jobs]
-        self.finish = ["length"] * len(jobs)
-        self.done = [False] * len(jobs)
+    def __init__(self, jobs: list[Job], tokenizer):
+        self.jobs, self.tokenizer = jobs, tokenizer
         self.sent = [0] * len(jobs)  # characters already streamed
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        for i, token in enumerate(input_ids[:, -1].tolist()):
-            if self.done[i]:
-                continue
-            if token in self.eos_ids:
-                self.done[i], self.finish[i] = True, "stop"
-            else:
-                self.tokens[i].append(token)
-                self.done[i] = len(self.tokens[i]) >= self.jobs[i].max_tokens
-            if self.jobs[i].on_delta is not None:
-                self._stream(i)
-        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
-
-    def _stream(self, i: int) -> None:
-        text = self.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
-        if text.endswith("\ufffd") and not self.done[i]:
+    def __call__(self, rows: RowStops, i: int) -> None:
+        if self.jobs[i].on_delta is None:
+            return
+        text = self.tokenizer.decode(rows.tokens[i], skip_special_tokens=True)
+        if text.endswith("\ufffd") and not rows.done[i]:
             return  # half of a multi-byte character: wait for the rest
         if len(text) > self.sent[i]:
             self.jobs[i].on_delta(text[self.sent[i] :])

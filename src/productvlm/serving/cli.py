@@ -1,4 +1,4 @@
-"""`productvlm serve` and `productvlm export`: plain typer command functions the main CLI registers."""
+"""`productvlm serve`: a plain typer command function the main CLI registers."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def serve_command(
     """Serve the model over HTTP: OpenAI-compatible chat completions, a catalog endpoint and a page."""
     import uvicorn
 
-    from productvlm.evaluation.predict import pick_device, pick_dtype
+    from productvlm.inference.device import pick_device, pick_dtype
     from productvlm.models.loading import DTYPES
     from productvlm.serving.app import ServeSettings, app_from_folder
     from productvlm.serving.images import ImageLimits
@@ -76,19 +76,3 @@ def serve_command(
     key = "API key required" if settings.api_key else "no API key: anyone who can reach it may use it"
     console.print(f"serving {model} on http://{host}:{port}  (device {device}, batching {batching}; {key})")
     uvicorn.run(app, host=host, port=port, log_level="info")
-
-
-def export_command(
-    model: Path = typer.Option(..., "--model", help="Model, LoRA adapter or run folder."),
-    out: Path = typer.Option(..., "--out", help="Folder to write (official Phi-3-V layout)."),
-    merge_lora: bool = typer.Option(False, "--merge-lora", help="Merge a LoRA adapter into its base."),
-    dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
-) -> None:
-    """Write a standalone model folder in the official layout (config.json phi3_v, safetensors, processor)."""
-    from productvlm.models.export import export_model
-
-    with console.status(f"exporting {model} -> {out}"):
-        written = export_model(model, out, merge_lora=merge_lora, dtype=dtype, overwrite=overwrite)
-    files = sorted(p.name for p in written.iterdir())
-    console.print(f"wrote {written}: {', '.join(files)}")

@@ -20,8 +20,9 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
+from productvlm.data.images import normalize_photo
 from productvlm.serving.errors import APIError
 
 MAX_REDIRECTS = 3
@@ -35,7 +36,8 @@ class ImageLimits:
 
 
 def decode_image(data: bytes, limits: ImageLimits, where: str = "image") -> Image.Image:
-    """Bytes -> RGB PIL image, or a 400 naming `where` (not an image, too many pixels, truncated)."""
+    """Bytes -> the normalised photo (`data.images.normalize_photo`), or a 400 naming `where` (not an
+    image, too many pixels, truncated)."""
     try:
         im = Image.open(io.BytesIO(data))  # reads the header only
     except Image.DecompressionBombError as e:
@@ -50,7 +52,7 @@ def decode_image(data: bytes, limits: ImageLimits, where: str = "image") -> Imag
             code="image_too_large",
         )
     try:
-        return ImageOps.exif_transpose(im).convert("RGB")  # decodes fully: a truncated file fails here
+        return normalize_photo(im)  # decodes fully: a truncated file fails here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise APIError(400, f"{where}: corrupt or truncated image ({e})", code="invalid_image") from e
 

@@ -52,7 +52,3 @@ def summary_table(metrics: dict[str, float]) -> Table:
         elif isinstance(value, int):
             table.add_row(key, str(value))
     return table
-
-
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-app.command("train")(train)

@@ -15,58 +15,19 @@ the same token mean as in a padded batch of the same samples (tested, with the g
 
 from __future__ import annotations
 
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from productvlm.errors import UserError
+from productvlm.inference.inputs import image_size, load_image, photo_tensors, prompt_ids
+from productvlm.prompting.templates import END, render, sample_name
 
 IGNORE = -100
-END = "<|end|>"
-BLANK_GREY = (128, 128, 128)
-EXIF_ORIENTATION = 0x0112  # values 5-8 mean the stored image is rotated by 90 or 270 degrees
-
-
-def template_fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
-
-
-def render(template: str, row: dict[str, Any], what: str) -> str:
-    """Fill a template from a row; a column the row lacks is a UserError naming it."""
-    missing = [f for f in template_fields(template) if f not in row]
-    if missing:
-        raise UserError(
-            f"data.{what} template uses column(s) {', '.join(missing)} that the dataset does not have "
-            f"(row {sample_name(row)}); columns: {', '.join(sorted(row))}"
-        )
-    return template.format_map(row)
-
-
-def sample_name(row: dict[str, Any]) -> str:
-    return f"{row.get('file_name', '?')} (product_code {row.get('product_code', '?')})"
-
-
-def load_image(path: str | Path, blank: bool = False) -> Image.Image:
-    """The RGB photo upright (EXIF orientation applied, as phone photos need), or with `blank` a
-    plain grey image of the same size (the no-image control)."""
-    with Image.open(path) as im:
-        if blank:
-            return Image.new("RGB", image_size(path), BLANK_GREY)
-        return ImageOps.exif_transpose(im).convert("RGB")
-
-
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) as `load_image` returns it, from the header only."""
-    with Image.open(path) as im:
-        w, h = im.size
-        return (h, w) if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
 
 
 @dataclass(frozen=True)
@@ -76,14 +37,16 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     image_path: str
-    name: str
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
 
 class Encoder:
-    """Turns catalog rows into `Encoded` samples with the run's templates, num_crops and token budget."""
+    """Turns catalog rows into `Encoded` samples with the run's templates, num_crops and token budget.
+
+    The prompt part is built as at inference (`inference.inputs.prompt_ids`); the answer, its labels
+    and the per-sample budget are training's."""
 
     def __init__(self, processor, prompt: str, answer: str, num_crops: int, max_tokens: int):
         self.processor, self.prompt, self.answer = processor, prompt, answer
@@ -91,9 +54,8 @@ class Encoder:
         self.end_id = processor.tokenizer.convert_tokens_to_ids(END)
 
     def prompt_ids(self, row: dict[str, Any]) -> list[int]:
-        w, h = image_size(row["image_path"])
-        n_image = self.processor.num_image_tokens(w, h, self.num_crops)
-        return self.processor.encode_prompt(render(self.prompt, row, "prompt"), [n_image])
+        text = render(self.prompt, row, "prompt")
+        return prompt_ids(self.processor, text, [image_size(row["image_path"])], self.num_crops)
 
     def answer_ids(self, row: dict[str, Any]) -> list[int]:
         text = render(self.answer, row, "answer")
@@ -107,7 +69,7 @@ class Encoder:
                 f"sample {sample_name(row)} has {n} tokens, over data.max_tokens_per_sample={self.max_tokens}: "
                 "lower data.num_crops or raise the budget"
             )
-        return Encoded(prompt + answer, [IGNORE] * len(prompt) + answer, row["image_path"], sample_name(row))
+        return Encoded(prompt + answer, [IGNORE] * len(prompt) + answer, row["image_path"])
 
 
 class CatalogDataset(Dataset):
@@ -147,15 +109,8 @@ class Collator:
             n = len(f["labels"])
             span = slice(0, n) if self.side == "right" else slice(labels.shape[1] - n, None)
             labels[i, span] = torch.tensor(f["labels"])
-        images = self.processor.image_processor(
-            [f["image"] for f in features], num_crops=self.num_crops, return_tensors="pt"
-        )
-        return {
-            **batch,
-            "labels": labels,
-            "pixel_values": images["pixel_values"],
-            "image_sizes": images["image_sizes"],
-        }
+        images = photo_tensors(self.processor, [f["image"] for f in features], self.num_crops)
+        return {**batch, "labels": labels, **images}
 
 
 # ---------------------------------------------------------------- packing
@@ -233,16 +188,8 @@ class PackCollator(Collator):
                 labels[b, at + 1 : at + n] = torch.tensor(s["labels"][1:])
                 position_ids[b, at : at + n] = torch.arange(n)
                 at += n
-        images = self.processor.image_processor(
-            [s["image"] for row in rows for s in row], num_crops=self.num_crops, return_tensors="pt"
-        )
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "position_ids": position_ids,
-            "pixel_values": images["pixel_values"],
-            "image_sizes": images["image_sizes"],
-        }
+        images = photo_tensors(self.processor, [s["image"] for row in rows for s in row], self.num_crops)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, **images}
 
 
 # ---------------------------------------------------------------- batch order and padding

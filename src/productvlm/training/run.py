@@ -14,15 +14,13 @@ from transformers import PrinterCallback, TrainerCallback, TrainingArguments, se
 
 from productvlm.config import Config
 from productvlm.errors import UserError
+from productvlm.prompting.settings import PromptSettings
+from productvlm.run_folder import CHECKPOINTS, FINAL, LOG, SAMPLES
 from productvlm.training.data import CatalogDataset, Collator, PackCollator, PackedDataset, padding_share
 from productvlm.training.progress import RichProgress
 from productvlm.training.tracking import finish_tracking, setup_tracking
 from productvlm.training.trainer import (
-    CHECKPOINTS,
     EXTRA_TRAINABLES,
-    FINAL,
-    LOG,
-    SAMPLES,
     EvalAtEnd,
     JsonlLog,
     LogConfig,
@@ -229,6 +227,7 @@ def save_final(trainer: RunTrainer, processor, cfg: Config, run: Path, use_cache
         adapter = tmp / "adapter" if cfg.train.merge_final else tmp
         model.save_pretrained(adapter)
         processor.save_pretrained(adapter)
+        PromptSettings.from_config(cfg).save(adapter)
         extra = extra_trainables(model)
         if extra:
             from safetensors.torch import save_file
@@ -239,16 +238,11 @@ def save_final(trainer: RunTrainer, processor, cfg: Config, run: Path, use_cache
     if not isinstance(model, PeftModel):
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        PromptSettings.from_config(cfg).save(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     trainer.accelerator.wait_for_everyone()
     return final
 
 
-def load_final(final: Path, dtype: torch.dtype = torch.float32):
-    from productvlm.models.phi3v import Phi3VForCausalLM, Phi3VProcessor
-
-    return Phi3VForCausalLM.from_pretrained(final, dtype=dtype), Phi3VProcessor.from_pretrained(final)
-
-
-__all__ = ["RunResult", "train", "save_final", "load_final", "training_args", "prepare_run_dir"]
+__all__ = ["RunResult", "train", "save_final", "training_args", "prepare_run_dir"]

@@ -26,13 +26,16 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from productvlm.config import Config
 from productvlm.data.folder import read_split
 from productvlm.errors import UserError
+from productvlm.inference.generate import generate_answers
 from productvlm.models.loading import DTYPES, EXTRA_TRAINABLES, load_extra_trainables
 from productvlm.models.phi3v import Phi3VForCausalLM, Phi3VProcessor
-from productvlm.training.data import Encoder, length_grouped_order, render
-from productvlm.training.evaluate import generate_answers, score
+from productvlm.prompting.settings import PromptSettings
+from productvlm.prompting.templates import render
+from productvlm.run_folder import FINAL, SAMPLES
+from productvlm.training.data import Encoder, length_grouped_order
+from productvlm.training.evaluate import score
 from productvlm.training.tracking import log_eval_samples
 
-CHECKPOINTS, FINAL, LOG, SAMPLES = "checkpoints", "final", "train_log.jsonl", "eval_samples.jsonl"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -254,7 +257,7 @@ class RunTrainer(Trainer):
             answers = generate_answers(
                 model,
                 self.processing_class,
-                make_encoder(c, self.processing_class),
+                PromptSettings.from_config(c),
                 share,
                 c.eval.max_new_tokens,
                 c.eval.batch_size,

@@ -22,6 +22,7 @@ import torch
 from transformers import LogitsProcessor
 
 from productvlm.errors import UserError
+from productvlm.prompting.templates import template_fields
 
 MAX_INT_DIGITS, MAX_DECIMALS = 7, 2
 FREE_FORBIDDEN = set(":\n\r")  # a ':' in free text could read as a label to the parser
@@ -292,10 +293,9 @@ class TemplateLogitsProcessor(LogitsProcessor):
 
 def known_choices(template: str, train_rows: Sequence[dict]) -> dict[str, list[str]]:
     """The values of each `category*` template field seen in the train split."""
-    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
     return {
         f: sorted({str(r[f]) for r in train_rows if r.get(f) not in (None, "")})
-        for f in fields
+        for f in template_fields(template)
         if field_kind(f) == "choice"
     }
 

@@ -24,7 +24,7 @@ from sacrebleu.metrics import CHRF
 from scipy.stats import bootstrap
 from sklearn.metrics import accuracy_score, f1_score
 
-from productvlm.evaluation.parse import Answer, parse_answer
+from productvlm.prompting.parse import Answer, parse_answer
 
 CATEGORY, PRICE, TITLE = "category3_code", "full_price", "title"
 N_BOOTSTRAP = 1000

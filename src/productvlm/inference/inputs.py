@@ -1,0 +1,103 @@
+"""Photos + prompt -> model inputs, the same way for training, eval, predict and serving.
+
+`prepare(processor, prompt, photos, num_crops)` is the one place a prompt (with `<|image_k|>`
+placeholders) and its photos become prompt ids and pixel values; `batch` pads prepared rows into one
+`generate` input. Training uses the two halves separately, since it sizes every sample before any
+pixel is decoded: `prompt_ids` (image slots counted from the photo's size) and `photo_tensors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from productvlm.data.images import normalize_photo
+from productvlm.prompting.settings import PromptSettings
+
+BLANK_GREY = (128, 128, 128)
+EXIF_ORIENTATION = 0x0112  # values 5-8 mean the stored image is rotated by 90 or 270 degrees
+
+
+def load_image(path: str | Path, blank: bool = False) -> Image.Image:
+    """The photo from disk, normalised (`data.images.normalize_photo`), or with `blank` a plain grey
+    image of the same size (the no-image control)."""
+    if blank:
+        return Image.new("RGB", image_size(path), BLANK_GREY)
+    with Image.open(path) as im:
+        return normalize_photo(im)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) as `load_image` returns it, from the header only."""
+    with Image.open(path) as im:
+        w, h = im.size
+        return (h, w) if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
+
+
+def prompt_ids(processor, prompt: str, sizes: Sequence[tuple[int, int]], num_crops: int) -> list[int]:
+    """Token ids of `prompt` with each `<|image_k|>` expanded to the slots of a photo of sizes[k-1]."""
+    slots = [processor.num_image_tokens(w, h, num_crops) for w, h in sizes]
+    return processor.encode_prompt(prompt, slots)
+
+
+def photo_tensors(processor, photos: Sequence[Image.Image], num_crops: int) -> dict[str, torch.Tensor]:
+    """{"pixel_values", "image_sizes"} of normalised photos, in order."""
+    out = processor.image_processor(list(photos), num_crops=num_crops, return_tensors="pt")
+    return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
+
+
+@dataclass
+class Prepared:
+    """One row in model terms: prompt ids and its photos' pixel values (None without photos)."""
+
+    ids: list[int]
+    pixel_values: torch.Tensor | None = None
+    image_sizes: torch.Tensor | None = None
+
+
+def prepare(processor, prompt: str, photos: Sequence[Image.Image], num_crops: int) -> Prepared:
+    """A prompt with `<|image_k|>` placeholders and its photos -> `Prepared` (UserError on placeholder
+    mistakes)."""
+    ids = prompt_ids(processor, prompt, [p.size for p in photos], num_crops)
+    if not photos:
+        return Prepared(ids)
+    return Prepared(ids, **photo_tensors(processor, photos, num_crops))
+
+
+def prepare_rows(
+    processor, settings: PromptSettings, rows: Sequence[dict[str, Any]], blank: bool = False
+) -> list[Prepared]:
+    """Catalog rows (`image_path` + the columns the prompt uses) -> `Prepared`, one per row."""
+    return [
+        prepare(processor, settings.prompt_for(r), [load_image(r["image_path"], blank)], settings.num_crops)
+        for r in rows
+    ]
+
+
+def batch(processor, rows: Sequence[Prepared], device: torch.device | str | None = None) -> dict:
+    """Left-padded input_ids/attention_mask and every row's pixels in row order (the order of the image
+    slots the model fills), on `device`."""
+    inputs = processor.pad([r.ids for r in rows], "left")
+    with_photos = [r for r in rows if r.pixel_values is not None]
+    if with_photos:
+        inputs["pixel_values"] = torch.cat([r.pixel_values for r in with_photos])
+        inputs["image_sizes"] = torch.cat([r.image_sizes for r in with_photos])
+    return {k: v.to(device) for k, v in inputs.items()} if device is not None else inputs
+
+
+__all__ = [
+    "Prepared",
+    "prepare",
+    "prepare_rows",
+    "batch",
+    "prompt_ids",
+    "photo_tensors",
+    "load_image",
+    "image_size",
+    "BLANK_GREY",
+]

@@ -1,0 +1,74 @@
+"""`Predictor`: a loaded model with the prompt settings it was trained with, answering catalog rows."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from productvlm.data.progress import progress_bar
+from productvlm.inference.device import pick_device, pick_dtype
+from productvlm.inference.generate import generate_answers
+from productvlm.models.loading import load_pretrained, resolve_model_dir
+from productvlm.prompting.constrained import AnswerConstraint, known_choices
+from productvlm.prompting.settings import load_prompt_settings
+
+
+class Predictor:
+    """A model folder (full, adapter or run folder) loaded with its prompt settings (`settings`)."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        num_crops: int | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_new_tokens: int = 64,
+    ):
+        self.model_dir = resolve_model_dir(model_path)
+        self.settings = load_prompt_settings(self.model_dir)
+        if num_crops is not None:
+            self.settings = dataclasses.replace(self.settings, num_crops=num_crops)
+        device = pick_device(device)
+        self.model, self.processor = load_pretrained(self.model_dir, pick_dtype(dtype, device), device)
+        self.max_new_tokens = max_new_tokens
+        self.constraint: AnswerConstraint | None = None
+
+    @property
+    def num_crops(self) -> int:
+        return self.settings.num_crops
+
+    def constrain(self, train_rows: Sequence[dict[str, Any]]) -> None:
+        """Restrict decoding to the answer template, with the categories seen in `train_rows`."""
+        eos = self.model.generation_config.eos_token_id
+        self.constraint = AnswerConstraint(
+            self.processor.tokenizer,
+            self.settings.answer,
+            known_choices(self.settings.answer, train_rows),
+            eos if isinstance(eos, list) else [eos],
+            self.max_new_tokens,
+        )
+
+    def answers(
+        self,
+        rows: Sequence[dict[str, Any]],
+        batch_size: int = 8,
+        progress: bool = True,
+        what: str = "generating",
+    ) -> list[str]:
+        """Raw answers, one per row (`image_path` is required; template columns when the prompt uses them)."""
+        with progress_bar(what, len(rows), enabled=progress) as advance:
+            return generate_answers(
+                self.model,
+                self.processor,
+                self.settings,
+                list(rows),
+                self.max_new_tokens,
+                batch_size,
+                advance=advance,
+                constraint=self.constraint,
+            )
+
+
+__all__ = ["Predictor"]
