@@ -22,7 +22,7 @@ from faultserver import ImageServer
 from productvlm.data import folder
 from productvlm.data.fetch import FetchOptions
 from productvlm.data.importer import Categories, import_dataset
-from productvlm.data.prices import PriceError, read_price
+from productvlm.prices import PriceError, read_price
 from productvlm.data.rows import RowRejected, RowRules, parse_image_source, parse_product_code
 from productvlm.data.source import load_table
 from productvlm.errors import UserError

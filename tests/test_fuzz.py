@@ -21,7 +21,7 @@ from productvlm.config import Config, load_config, validate
 from productvlm.data.fetch import parse_retry_after
 from productvlm.data.images import BadImage, ImageLimits, is_complete_jpeg, to_dataset_jpeg
 from productvlm.data.importer import check_rows
-from productvlm.data.prices import PriceError, read_price
+from productvlm.prices import PriceError, read_price
 from productvlm.data.rows import parse_mapping
 from productvlm.data.source import load_table
 from productvlm.errors import UserError

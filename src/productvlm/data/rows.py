@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from productvlm.data.folder import CATALOG_COLUMNS
-from productvlm.data.prices import DEFAULT_MAX_PRICE, PriceError, read_price
+from productvlm.prices import DEFAULT_MAX_PRICE, PriceError, read_price
 from productvlm.errors import UserError
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("product_code", "title", "category3_code", "full_price", "imageurl")

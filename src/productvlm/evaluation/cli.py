@@ -78,6 +78,12 @@ def eval_command(
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 ... (auto: cuda if present)."),
     dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 (auto: bf16 on GPU)."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed for the confidence intervals."),
+    compiled: bool | None = typer.Option(
+        None,
+        "--compile/--no-compile",
+        help="Static KV cache + compiled decode step (default: on for CUDA, off on the CPU).",
+        show_default=False,
+    ),
 ) -> None:
     """Generate on a split, score title / category / price against the truth and the train-split
     baselines; writes metrics.json, predictions.jsonl and a self-contained report.html."""
@@ -98,6 +104,7 @@ def eval_command(
         device,
         dtype,
         seed,
+        compiled=compiled,
     )
     console.print(metrics_table(result.metrics))
     console.print(
@@ -118,6 +125,12 @@ def predict_command(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
+    compiled: bool | None = typer.Option(
+        None,
+        "--compile/--no-compile",
+        help="Static KV cache + compiled decode step (default: on for CUDA, off on the CPU).",
+        show_default=False,
+    ),
 ) -> None:
     """Catalog entries for product photos: one JSON object per image (file, title, category, price, raw)."""
     from productvlm.evaluation.predict import check_images, predict, read_image_csv
@@ -131,7 +144,7 @@ def predict_command(
     else:
         paths = [str(p) for p in images]
         check_images(paths)
-    predictor = Predictor(model, num_crops, device, dtype, max_new_tokens)
+    predictor = Predictor(model, num_crops, device, dtype, max_new_tokens, compiled)
     records = predict(predictor, paths, batch_size, progress=True)
     lines = "".join(json.dumps(r) + "\n" for r in records)
     if output is None:

@@ -88,12 +88,13 @@ def evaluate_model(
     dtype: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    compiled: bool | None = None,
 ) -> EvalResult:
     t0 = time.perf_counter()
     data = Path(data)
     rows, train_rows = load_rows(data, split)
     rows = rows[:limit] if limit else rows
-    predictor = Predictor(model, num_crops, device, dtype, max_new_tokens)
+    predictor = Predictor(model, num_crops, device, dtype, max_new_tokens, compiled)
     if constrained:
         predictor.constrain(train_rows)
     answers = predictor.answers(rows, batch_size, progress, what=f"eval {split}")

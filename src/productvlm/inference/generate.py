@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from productvlm.inference.decode import decode_kwargs, generate_ids
 from productvlm.inference.inputs import batch, prepare_rows
 from productvlm.prompting.settings import PromptSettings
 from productvlm.prompting.templates import END
@@ -59,14 +60,21 @@ def generate(
     max_tokens: Sequence[int],
     stops: set[int],
     on_step: OnStep | None = None,
+    compiled: bool | None = None,
     **generate_kwargs: Any,
 ) -> RowStops:
     """Generate for a batch (`inputs.batch`); row i stops at `stops` or after max_tokens[i] tokens.
-    Greedy unless `generate_kwargs` say otherwise. Returns the `RowStops` with each row's tokens."""
+    Greedy unless `generate_kwargs` say otherwise. Returns the `RowStops` with each row's tokens.
+
+    `compiled` (None: on for CUDA): static KV cache and a compiled decode step (`inference.decode`),
+    same tokens as the dynamic cache."""
     rows = RowStops(max_tokens, stops, on_step)
     kwargs = {"do_sample": False, **generate_kwargs}
     criteria = StoppingCriteriaList([rows, *kwargs.pop("stopping_criteria", [])])
-    model.generate(**inputs, max_new_tokens=max(rows.max_tokens), stopping_criteria=criteria, **kwargs)
+    if decode_kwargs(model, compiled):
+        generate_ids(model, inputs, max(rows.max_tokens), True, stopping_criteria=criteria, **kwargs)
+    else:
+        model.generate(**inputs, max_new_tokens=max(rows.max_tokens), stopping_criteria=criteria, **kwargs)
     return rows
 
 
@@ -80,6 +88,7 @@ def generate_answers(
     blank_images: bool = False,
     advance: Callable[[int], None] | None = None,
     constraint=None,
+    compiled: bool | None = None,
     **generate_kwargs: Any,
 ) -> list[str]:
     """Greedy answers for catalog rows, in order, `batch_size` rows per call. `constraint` (a
@@ -95,7 +104,9 @@ def generate_answers(
         extra = (
             {"logits_processor": LogitsProcessorList([constraint.logits_processor()])} if constraint else {}
         )
-        done = generate(model, inputs, [max_new_tokens] * len(chunk), stops, **extra, **generate_kwargs)
+        done = generate(
+            model, inputs, [max_new_tokens] * len(chunk), stops, compiled=compiled, **extra, **generate_kwargs
+        )
         answers += [processor.decode(tokens, skip_special_tokens=True) for tokens in done.tokens]
         if advance:
             advance(len(chunk))

@@ -25,6 +25,7 @@ class Predictor:
         device: str = "auto",
         dtype: str = "auto",
         max_new_tokens: int = 64,
+        compiled: bool | None = None,
     ):
         self.model_dir = resolve_model_dir(model_path)
         self.settings = load_prompt_settings(self.model_dir)
@@ -32,7 +33,7 @@ class Predictor:
             self.settings = dataclasses.replace(self.settings, num_crops=num_crops)
         device = pick_device(device)
         self.model, self.processor = load_pretrained(self.model_dir, pick_dtype(dtype, device), device)
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.compiled = max_new_tokens, compiled
         self.constraint: AnswerConstraint | None = None
 
     @property
@@ -68,6 +69,7 @@ class Predictor:
                 batch_size,
                 advance=advance,
                 constraint=self.constraint,
+                compiled=self.compiled,
             )
 
 

@@ -39,7 +39,7 @@ class Answer:
 
 def parse_price(text: str) -> float | None:
     """The first number in `text`: `$1,290` -> 1290.0, `1.290,00 EUR` -> 1290.0, `n/a` -> None."""
-    from productvlm.data.prices import find_price  # the one number reader, shared with `data import`
+    from productvlm.prices import find_price  # the one number reader, shared with `data import`
 
     return find_price(text)
 

@@ -54,6 +54,7 @@ class ServeSettings:
     images: ImageLimits = field(default_factory=ImageLimits)
     api_key: str | None = field(default=None, repr=False)  # None: no authentication
     metrics_need_key: bool = False
+    compile: bool | None = None  # static cache + compiled decode step; None: on for CUDA
 
 
 class BodyLimitMiddleware:
@@ -96,7 +97,7 @@ def create_app(
     """The app around a loaded model. `trained` = load_prompt_settings(model_dir) (prompt, num_crops).
     `model_info` = models.evaluations.model_summary(model_dir) (last evaluation, currency) for the page."""
     settings = settings or ServeSettings()
-    engine = Engine(model, processor, trained.num_crops)
+    engine = Engine(model, processor, trained.num_crops, settings.compile)
     prompt = trained.photo_prompt()
     metrics = Metrics()
     fetcher = RemoteFetcher(settings.images, address_allowed)
@@ -111,6 +112,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await batcher.warmup(settings.default_max_tokens)
         batcher.start()
         yield
         await batcher.stop()

@@ -49,10 +49,26 @@ class Job:
 class Engine:
     """The model side: turns prompts + images into `Prepared`, and runs a batch of them."""
 
-    def __init__(self, model, processor, num_crops: int):
-        self.model, self.processor, self.num_crops = model, processor, num_crops
+    def __init__(self, model, processor, num_crops: int, compiled: bool | None = None):
+        self.model, self.processor, self.num_crops, self.compiled = model, processor, num_crops, compiled
         self.device = next(model.parameters()).device
         self.stops = stop_ids(model, processor)
+
+    def warmup(self, max_batch: int, max_tokens: int) -> float:
+        """Compile the decode step once per batch bucket before the first request (no-op when not
+        compiling); the static cache fits one photo's prompt plus `max_tokens`. Seconds spent."""
+        from productvlm.inference.decode import BATCH_BUCKETS, bucket_batch, warmup
+
+        buckets = tuple(b for b in BATCH_BUCKETS if b <= bucket_batch(max_batch))
+        ceiling = self.processor.num_image_tokens(1344, 1344, self.num_crops) + 64 + max_tokens
+        return warmup(
+            self.model,
+            self.processor,
+            batch_sizes=buckets,
+            max_cache_len=ceiling,
+            num_crops=self.num_crops,
+            compiled=self.compiled,
+        )
 
     def prepare(self, prompt: str, images: list) -> Prepared:
         """Tokenize `prompt` (placeholders <|image_1|>..) with `images`; 400 on placeholder mistakes."""
@@ -69,7 +85,8 @@ class Engine:
         if sampling.temperature > 0:
             kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
         streams = Streams(jobs, self.processor.tokenizer)
-        rows = generate(self.model, inputs, [j.max_tokens for j in jobs], self.stops, streams, **kwargs)
+        max_tokens = [j.max_tokens for j in jobs]
+        rows = generate(self.model, inputs, max_tokens, self.stops, streams, self.compiled, **kwargs)
         return [
             Completion(
                 text=self.processor.decode(tokens, skip_special_tokens=True),
@@ -115,6 +132,11 @@ class Batcher:
         self.on_batch = on_batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self._task: asyncio.Task | None = None
+
+    async def warmup(self, max_tokens: int) -> float:
+        """The engine's decode warm-up, on the thread that will generate (CUDA graph trees are per thread)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.engine.warmup, self.max_batch, max_tokens)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._worker())

@@ -37,6 +37,12 @@ def serve_command(
     metrics_need_key: bool = typer.Option(
         False, "--metrics-need-key", help="With --api-key, /metrics needs the key too (else it stays open)."
     ),
+    compiled: bool | None = typer.Option(
+        None,
+        "--compile/--no-compile",
+        show_default=False,
+        help="Static KV cache + compiled decode step, warmed up at start (default: on for CUDA).",
+    ),
 ) -> None:
     """Serve the model over HTTP: OpenAI-compatible chat completions, a catalog endpoint and a page."""
     import uvicorn
@@ -70,6 +76,7 @@ def serve_command(
         images=ImageLimits(max_pixels=max_pixels),
         api_key=api_key or None,
         metrics_need_key=metrics_need_key,
+        compile=compiled,
     )
     app = app_from_folder(model, settings, dtype=dtype, device=device)
     batching = "off" if settings.max_batch_size == 1 else f"up to {settings.max_batch_size}"
