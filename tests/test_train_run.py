@@ -55,6 +55,8 @@ def config(data_dir, out, *sets):
         "tracking.backend=none",
         "train.max_steps=8",
         "train.save_steps=4",
+        "model.path=preset:tiny",  # 112 px: the shipped 168 px preset costs twice as much per step
+        "train.num_workers=0",
     ]
     return load_config(CONFIGS / "tiny-cpu.yaml", [*base, *sets])
 
@@ -73,8 +75,21 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
             "train.lr=1e-2",
             "train.group_by_length=false",
         ],
+        [  # augmentation in a DataLoader worker, eval at steps 5 and 10, RUN/final = the best of them
+            "train.method=full",
+            "data.augment.enabled=true",
+            "data.augment.scale=0.1",
+            "data.augment.translate=0.1",
+            "data.augment.rotate=10",
+            "data.augment.hflip=true",
+            "data.augment.jpeg_quality=[50,95]",
+            "train.num_workers=1",
+            "eval.subset=4",
+            "eval.steps=5",
+            "eval.max_new_tokens=4",
+        ],
     ],
-    ids=["full", "lora+projector"],
+    ids=["full", "lora+projector", "augment+best"],
 )
 def test_resume_after_interruption_ends_with_the_same_weights(data_dir, tmp_path, method_sets):
     sets = ["train.max_steps=14", "train.save_steps=5", *method_sets]
