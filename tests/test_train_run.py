@@ -87,6 +87,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
             "eval.subset=4",
             "eval.steps=5",
             "eval.max_new_tokens=4",
+            "eval.select=best",
         ],
     ],
     ids=["full", "lora+projector", "augment+best"],

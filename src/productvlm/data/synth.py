@@ -147,7 +147,7 @@ def _round_local(x: float) -> float:
     return float(round(x / step) * step)
 
 
-# ---- `longtail`: shaped like the real price lists: ~30 category2_code values, ~45 category3_code
+# ---- `longtail`: shaped like the real price lists: 34 category2_code values, 45 category3_code
 # values of very unequal (Zipf) frequency, a few "N.A.", prices 35..570k in a local currency,
 # product codes beyond 32 bits.
 def _longtail_categories() -> tuple[Category, ...]:
