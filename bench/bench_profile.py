@@ -54,7 +54,10 @@ def breakdown(cfg, steps: int) -> tuple[dict[str, float], float]:
     torch.manual_seed(cfg.train.seed)
     model = Phi3VForCausalLM.from_pretrained(tiny_model(cfg.train.seed), dtype=torch.float32).train()
     processor = Phi3VProcessor.from_pretrained(tiny_model(cfg.train.seed))
-    dataset = CatalogDataset(rows_of(cfg, "train"), make_encoder(cfg, processor))
+    # with the config's augmentation (data.augment), which runs where the photos are decoded
+    dataset = CatalogDataset(
+        rows_of(cfg, "train"), make_encoder(cfg, processor), augment=cfg.data.augment, seed=cfg.train.seed
+    )
     collate = Collator(processor, cfg.data.num_crops)
     loader = torch.utils.data.DataLoader(dataset, cfg.train.batch_size, shuffle=True, collate_fn=collate)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)

@@ -22,10 +22,10 @@ from faultserver import ImageServer
 from productvlm.data import folder
 from productvlm.data.fetch import FetchOptions
 from productvlm.data.importer import Categories, import_dataset
-from productvlm.prices import PriceError, read_price
 from productvlm.data.rows import RowRejected, RowRules, parse_image_source, parse_product_code
 from productvlm.data.source import load_table
 from productvlm.errors import UserError
+from productvlm.prices import PriceError, read_price
 
 QUICK = FetchOptions(timeout=5, retries=1, backoff=0.01, concurrency=8)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -139,3 +140,52 @@ def test_cli_synth(tmp_path):
     assert "wrote 12 rows" in res.output
     rows = [r for s in folder.SPLITS for r in folder.read_metadata(out, s)]
     assert len(rows) == 12 and Counter(r["website_name"] for r in rows) == {"BURBERRY": 12}
+
+
+# ---------------------------------------------------------------- the other kinds
+
+
+def specs(kind: str, n: int) -> list:
+    catalog = synth.CATALOGS[kind]
+    return [synth.sample_spec(random.Random(f"t:{kind}:{i}"), catalog) for i in range(n)]
+
+
+def test_home_kind_is_balanced_with_its_own_products_sizes_and_prices(tmp_path):
+    out = tmp_path / "home"
+    info = synth.synthesize(out, rows=40, seed=1, workers=1, progress=False, kind="home")
+    assert info["source"] == "synth:home:seed=1" and info["synth"]["kind"] == "home"
+    rows = all_rows(out)
+    codes = {c.code3 for c in synth.HOME_CATEGORIES}
+    assert len(codes) <= 10 and not codes & set(synth.CATEGORY_CODES) - {"N.A."}
+    assert all(r["category3_code"] in codes and r["currency_code"] == "EUR" for r in rows)
+    assert all(r["full_price"] % 10 == 9 for r in rows)  # prices end in 9, unlike fashion's 90
+    for r in rows:
+        with Image.open(r["image_path"]) as im:
+            assert 224 <= min(im.size) <= 360 and max(im.size) <= 640
+    counts = Counter(s.category.code3 for s in specs("home", 4000))
+    assert max(counts.values()) / min(counts.values()) < 1.3
+    for s in specs("home", 300):  # additive price: base + material + size surcharge, ~4% noise
+        surcharge = dict((w, a) for w, a, _ in synth.HOME_SIZES).get(s.size, 0.0)
+        expected = s.category.base_price + synth.HOME_MATERIALS[s.material] + surcharge
+        assert abs(s.full_price - expected) <= 0.15 * expected + 10
+
+
+def test_longtail_kind_is_shaped_like_the_price_lists(tmp_path):
+    drawn = specs("longtail", 6000)
+    code3 = Counter(s.code3 or s.category.code3 for s in drawn)
+    assert len({s.category.code2 for s in drawn}) >= 28 and len(code3) >= 40
+    frequent = code3.most_common()
+    assert frequent[0][1] > 15 * frequent[-1][1]  # very unequal frequencies
+    assert 0.01 < code3["N.A."] / len(drawn) < 0.06
+    prices = [s.full_price for s in drawn]
+    assert min(prices) == 35.0 and 300_000 < max(prices) <= 570_000
+    out = tmp_path / "lt"
+    synth.synthesize(out, rows=20, seed=0, workers=1, progress=False, kind="longtail")
+    rows = all_rows(out)
+    assert all(r["product_code"] > 2**32 and isinstance(r["product_code"], int) for r in rows)
+    assert all("." not in r["imageurl"].rsplit("/", 1)[1].split("?")[0] for r in rows)  # no extension
+
+
+def test_unknown_kind_is_named(tmp_path):
+    with pytest.raises(UserError, match="--kind 'toys'"):
+        synth.synthesize(tmp_path / "x", rows=2, kind="toys", progress=False)

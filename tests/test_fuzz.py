@@ -21,11 +21,11 @@ from productvlm.config import Config, load_config, validate
 from productvlm.data.fetch import parse_retry_after
 from productvlm.data.images import BadImage, ImageLimits, is_complete_jpeg, to_dataset_jpeg
 from productvlm.data.importer import check_rows
-from productvlm.prices import PriceError, read_price
 from productvlm.data.rows import parse_mapping
 from productvlm.data.source import load_table
 from productvlm.errors import UserError
 from productvlm.models.phi3v.processing_phi3v import check_placeholders
+from productvlm.prices import PriceError, read_price
 from productvlm.prompting.parse import parse_answer, parse_price
 
 # At least 150 examples per test; the profile (tests/conftest.py) decides derandomized or random, and

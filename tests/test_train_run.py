@@ -55,6 +55,8 @@ def config(data_dir, out, *sets):
         "tracking.backend=none",
         "train.max_steps=8",
         "train.save_steps=4",
+        "model.path=preset:tiny",  # 112 px: the shipped 168 px preset costs twice as much per step
+        "train.num_workers=0",
     ]
     return load_config(CONFIGS / "tiny-cpu.yaml", [*base, *sets])
 
@@ -73,8 +75,22 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
             "train.lr=1e-2",
             "train.group_by_length=false",
         ],
+        [  # augmentation in a DataLoader worker, eval at steps 5 and 10, RUN/final = the best of them
+            "train.method=full",
+            "data.augment.enabled=true",
+            "data.augment.scale=0.1",
+            "data.augment.translate=0.1",
+            "data.augment.rotate=10",
+            "data.augment.hflip=true",
+            "data.augment.jpeg_quality=[50,95]",
+            "train.num_workers=1",
+            "eval.subset=4",
+            "eval.steps=5",
+            "eval.max_new_tokens=4",
+            "eval.select=best",
+        ],
     ],
-    ids=["full", "lora+projector"],
+    ids=["full", "lora+projector", "augment+best"],
 )
 def test_resume_after_interruption_ends_with_the_same_weights(data_dir, tmp_path, method_sets):
     sets = ["train.max_steps=14", "train.save_steps=5", *method_sets]
@@ -264,3 +280,22 @@ def test_a_catalog_without_validation_rows_trains_without_eval(data_dir, tmp_pat
     shutil.rmtree(no_val / "validation")
     result = train(config(no_val, tmp_path / "run", "eval.subset=8", "train.max_steps=2"), progress=False)
     assert result.steps == 2 and not any(k.startswith("eval_") for k in result.metrics)
+
+
+def test_final_is_the_best_evaluated_checkpoint_and_patience_stops(data_dir, tmp_path):
+    sets = ["eval.subset=4", "eval.steps=2", "eval.max_new_tokens=4", "eval.select=best", "eval.patience=2"]
+    sets += ["train.max_steps=12", "train.save_steps=100", "train.save_total_limit=1"]
+    result = train(config(data_dir, tmp_path / "run", *sets), progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    chosen = [e for e in log if "selected_step" in e]
+    assert len(chosen) == 1 and chosen[0]["selected_by"] == "category_accuracy"
+    best = chosen[0]["selected_step"]
+    evals = [e for e in log if "eval_category_accuracy" in e]
+    assert max(e["eval_category_accuracy"] for e in evals) == chosen[0]["selected_eval_category_accuracy"]
+    after = [e for e in evals if e["step"] > best]
+    assert len(after) <= 2 and (result.steps == 12 or len(after) == 2)  # stopped by patience, or ran out
+    # a checkpoint at every eval step; rotation (limit 1) kept the best beside the newest
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert f"step-{best:06d}" in kept and f"step-{result.steps:06d}" in kept
+    a, b = weights(result.final_dir), weights(tmp_path / "run" / "checkpoints" / f"step-{best:06d}")
+    assert all(torch.equal(a[k], b[k]) for k in b)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from productvlm.errors import UserError
 
@@ -33,6 +33,28 @@ class ModelConfig(Section):
         return self.path.removeprefix("preset:") if self.path.startswith("preset:") else None
 
 
+class AugmentConfig(Section):
+    """Geometric changes drawn per sample per epoch for training photos (never colour); off by default."""
+
+    enabled: bool = False
+    scale: float = Field(0.0, ge=0, le=0.5, description="zoom factor in [1/(1+s), 1+s]")
+    translate: float = Field(0.0, ge=0, le=0.3, description="shift up to this fraction of width/height")
+    rotate: float = Field(0.0, ge=0, le=30, description="rotation up to +- this many degrees")
+    hflip: bool = False
+    jpeg_quality: tuple[int, int] | None = Field(
+        None, description="[low, high]: re-compress at a quality drawn in it"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> AugmentConfig:
+        q = self.jpeg_quality
+        if q is not None and not (1 <= q[0] <= q[1] <= 100):
+            raise ValueError(
+                f"data.augment.jpeg_quality must be [low, high] with 1 <= low <= high <= 100, got {list(q)}"
+            )
+        return self
+
+
 class DataConfig(Section):
     dir: Path = Path("data/sample")
     prompt: str = DEFAULT_PROMPT
@@ -41,19 +63,33 @@ class DataConfig(Section):
     max_tokens_per_sample: int = Field(4096, ge=8)
     blank_images: bool = False
     max_train_rows: int | None = Field(None, ge=1)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
 class LoraConfig(Section):
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    # 0: dropout on the adapter input costs a quarter of a GPU step (issue 13) and a LoRA run of a
+    # few epochs is regularised by augmentation and best-checkpoint selection instead
+    dropout: float = Field(0.0, ge=0, lt=1)
     targets: list[str] = Field(default_factory=lambda: list(DECODER_TARGETS))
+    vision: bool = Field(False, description="adapters on the CLIP tower's attention and MLP projections too")
+    dora: bool = Field(False, description="weight-decomposed LoRA (peft use_dora)")
+    adapter_dtype: Literal["compute", "float32"] = Field(
+        "compute", description="compute: adapters in model.dtype (bf16 trains faster); float32: fp32 adapters"
+    )
 
 
 class TrainConfig(Section):
     method: Literal["lora", "lora+projector", "frozen_vision", "full"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(
+        2e-4, gt=0, description="the decoder's learning rate (and every part's without its own)"
+    )
+    lr_vision: float | None = Field(None, gt=0, description="the CLIP tower's learning rate (default: lr)")
+    lr_projector: float | None = Field(
+        None, gt=0, description="the image projector's learning rate (default: lr)"
+    )
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
@@ -70,9 +106,19 @@ class TrainConfig(Section):
     packing: bool = Field(False, description="several samples per row; batch_size then counts rows (packs)")
     pack_length: int = Field(4096, ge=8, description="tokens per packed row (>= data.max_tokens_per_sample)")
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        "auto",
+        description="auto: on only on CUDA when the weights and optimizer state fill 40% of the memory",
+    )
     merge_final: bool = False
     num_workers: int = Field(0, ge=0)
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, v: Any) -> Any:
+        if v == "auto" or isinstance(v, bool):
+            return v
+        raise ValueError("must be auto, true or false")
 
 
 class EvalConfig(Section):
@@ -80,6 +126,14 @@ class EvalConfig(Section):
     steps: int = Field(200, ge=1, description="eval every N optimizer steps (and at the end)")
     max_new_tokens: int = Field(40, ge=1)
     batch_size: int = Field(8, ge=1)
+    select: Literal["best", "last"] = Field(
+        "best", description="RUN/final: the best evaluated checkpoint by eval.metric, or the last step"
+    )
+    metric: Literal["category_accuracy", "price_mape", "title_token_f1"] = Field(
+        "category_accuracy",
+        description="what `select: best` maximises (price_mape: minimises); ties: price_mape",
+    )
+    patience: int | None = Field(None, ge=1, description="stop after this many evals without a better one")
 
 
 class TrackingConfig(Section):

@@ -12,8 +12,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from productvlm.data.folder import CATALOG_COLUMNS
-from productvlm.prices import DEFAULT_MAX_PRICE, PriceError, read_price
 from productvlm.errors import UserError
+from productvlm.prices import DEFAULT_MAX_PRICE, PriceError, read_price
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("product_code", "title", "category3_code", "full_price", "imageurl")
 PRICE_COLUMNS: tuple[str, ...] = ("full_price", "price", "full_price_eur", "price_eur")

@@ -156,6 +156,100 @@ def wallet(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: 
     c.rectangle([0.64 * w, 0.42 * h, 0.84 * w, 0.56 * h], fill=METAL)
 
 
+# ---------------------------------------------------------------- home goods (the `home` catalog)
+
+
+def lamp(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: RGB) -> None:
+    m.polygon(_pts([(0.22, 0.0), (0.78, 0.0), (0.98, 0.42), (0.02, 0.42)], w, h), fill=255)
+    _both(m, c, "rectangle", [0.46 * w, 0.42 * h, 0.54 * w, 0.9 * h], fill=METAL)
+    _both(m, c, "ellipse", [0.2 * w, 0.86 * h, 0.8 * w, h - 1], fill=_shade(col, 0.7))
+
+
+def mug(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: RGB) -> None:
+    m.rounded_rectangle([0.04 * w, 0.04 * h, 0.74 * w, h - 1], radius=0.06 * w, fill=255)
+    _both(
+        m,
+        c,
+        "arc",
+        [0.58 * w, 0.22 * h, 0.98 * w, 0.74 * h],
+        270,
+        90,
+        fill=_shade(col, 0.8),
+        width=max(3, w // 14),
+    )
+    c.ellipse([0.06 * w, 0.02 * h, 0.72 * w, 0.14 * h], fill=_shade(col, 0.6))
+
+
+def vase(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: RGB) -> None:
+    m.ellipse([0.0, 0.3 * h, w - 1, h - 1], fill=255)
+    m.rectangle([0.34 * w, 0.04 * h, 0.66 * w, 0.5 * h], fill=255)
+    _both(m, c, "ellipse", [0.26 * w, 0.0, 0.74 * w, 0.1 * h], fill=_shade(col, 0.7))
+
+
+def chair(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: RGB) -> None:
+    m.rectangle([0.1 * w, 0.0, 0.26 * w, 0.62 * h], fill=255)
+    m.rectangle([0.1 * w, 0.5 * h, 0.92 * w, 0.62 * h], fill=255)
+    lw = max(3, w // 18)
+    for x in (0.14, 0.86):
+        _both(m, c, "line", [(x * w, 0.6 * h), (x * w, h - 1)], fill=_shade(col, 0.6), width=lw)
+
+
+def clock(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: RGB) -> None:
+    m.ellipse([0, 0, w - 1, h - 1], fill=255)
+    c.ellipse([0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h], fill=(240, 238, 230))
+    ink, lw = (30, 30, 30), max(2, w // 40)
+    c.line(_pts([(0.5, 0.5), (0.5, 0.2)], w, h), fill=ink, width=lw)
+    c.line(_pts([(0.5, 0.5), (0.72, 0.6)], w, h), fill=ink, width=lw)
+    for i in range(12):
+        a = 2 * math.pi * i / 12
+        x, y = 0.5 + 0.36 * math.cos(a), 0.5 + 0.36 * math.sin(a)
+        c.ellipse([x * w - lw, y * h - lw, x * w + lw, y * h + lw], fill=ink)
+
+
+def bottle(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: RGB) -> None:
+    m.rounded_rectangle([0.0, 0.34 * h, w - 1, h - 1], radius=0.2 * w, fill=255)
+    m.polygon(_pts([(0.0, 0.42), (0.3, 0.2), (0.7, 0.2), (1.0, 0.42)], w, h), fill=255)
+    _both(m, c, "rectangle", [0.3 * w, 0.0, 0.7 * w, 0.22 * h], fill=_shade(col, 0.5))
+    c.rectangle([0.1 * w, 0.55 * h, 0.9 * w, 0.8 * h], fill=(236, 232, 220))
+
+
+def teapot(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: RGB) -> None:
+    m.ellipse([0.2 * w, 0.25 * h, 0.8 * w, h - 1], fill=255)
+    m.polygon(_pts([(0.78, 0.6), (1.0, 0.3), (0.97, 0.26), (0.74, 0.5)], w, h), fill=255)
+    _both(
+        m,
+        c,
+        "arc",
+        [0.0, 0.35 * h, 0.36 * w, 0.85 * h],
+        90,
+        270,
+        fill=_shade(col, 0.8),
+        width=max(3, w // 20),
+    )
+    _both(m, c, "ellipse", [0.44 * w, 0.14 * h, 0.56 * w, 0.3 * h], fill=_shade(col, 0.7))
+
+
+def cushion(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: RGB) -> None:
+    m.polygon(
+        _pts(
+            [
+                (0.0, 0.0),
+                (0.5, 0.08),
+                (1.0, 0.0),
+                (0.92, 0.5),
+                (1.0, 1.0),
+                (0.5, 0.92),
+                (0.0, 1.0),
+                (0.08, 0.5),
+            ],
+            w,
+            h,
+        ),
+        fill=255,
+    )
+    c.line(_pts([(0.1, 0.1), (0.9, 0.9)], w, h), fill=_ink(col), width=max(1, w // 120))
+
+
 # ---------------------------------------------------------------- materials (numpy textures)
 
 
@@ -197,6 +291,14 @@ def texture(material: str, col: RGB, w: int, h: int, rng: random.Random) -> np.n
         ring = np.abs(r - 0.22 * q) < max(1.0, 0.07 * q)
         mark = np.array((235, 225, 200) if sum(col) < 450 else (90, 70, 45), np.float32)
         img[ring] = img[ring] * 0.35 + 0.65 * mark
-    else:  # Cotton, Cashmere: matte, barely shaded
+    elif material == "Striped":
+        band = max(4.0, p * 0.5)
+        img *= np.where((y % band) < 0.45 * band, 0.55, 1.0)[..., None]
+    elif material == "Dotted":
+        q = max(6.0, p * 0.5)
+        dx, dy = x % q - 0.5 * q, y % q - 0.5 * q
+        dot = (dx * dx + dy * dy) < (0.2 * q) ** 2
+        img[dot] = np.array((245, 242, 235), np.float32)
+    else:  # Cotton, Cashmere, Ceramic: matte, barely shaded
         img *= (1.0 - 0.08 * (y - y.min()) / h)[..., None]
     return img

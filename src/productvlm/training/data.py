@@ -75,10 +75,22 @@ class Encoder:
 class CatalogDataset(Dataset):
     """Encoded samples; `lengths` (tokens per sample) feed the length-grouped sampler."""
 
-    def __init__(self, rows: list[dict[str, Any]], encoder: Encoder, blank_images: bool = False):
+    def __init__(
+        self,
+        rows: list[dict[str, Any]],
+        encoder: Encoder,
+        blank_images: bool = False,
+        augment=None,
+        seed: int = 0,
+    ):
         self.rows = rows
         self.samples = [encoder(row) for row in rows]
         self.blank_images = blank_images
+        self.augment, self.seed, self.epoch = augment, seed, 0  # augment: a data.augment config or None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentation draws depend on (seed, epoch, index); set before each epoch's DataLoader starts."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -89,11 +101,12 @@ class CatalogDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         s = self.samples[i]
-        return {
-            "input_ids": s.input_ids,
-            "labels": s.labels,
-            "image": load_image(s.image_path, self.blank_images),
-        }
+        image = load_image(s.image_path, self.blank_images)
+        if self.augment is not None and self.augment.enabled and not self.blank_images:
+            from productvlm.training.augment import augment, sample_rng
+
+            image = augment(image, self.augment, sample_rng(self.seed, self.epoch, i))
+        return {"input_ids": s.input_ids, "labels": s.labels, "image": image}
 
 
 class Collator:
@@ -148,6 +161,9 @@ class PackedDataset(Dataset):
     def __init__(self, samples: CatalogDataset, pack_length: int, seed: int):
         self.samples = samples
         self.packs = pack_samples(samples.lengths, pack_length, seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.samples.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.packs)

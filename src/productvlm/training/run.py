@@ -14,6 +14,7 @@ from transformers import PrinterCallback, TrainerCallback, TrainingArguments, se
 
 from productvlm.config import Config
 from productvlm.errors import UserError
+from productvlm.models.loading import load_extra_trainables
 from productvlm.prompting.settings import PromptSettings
 from productvlm.run_folder import CHECKPOINTS, FINAL, LOG, SAMPLES
 from productvlm.training.data import CatalogDataset, Collator, PackCollator, PackedDataset, padding_share
@@ -76,8 +77,27 @@ def cpu_only() -> bool:
     return not (accelerator.is_available() if accelerator else torch.cuda.is_available())
 
 
-def training_args(cfg: Config, run: Path, report_to: list[str], eval_on: bool = True) -> TrainingArguments:
-    """`eval_on`: there are validation rows to generate on (a split can be empty)."""
+def gradient_checkpointing(cfg: Config, model=None) -> bool:
+    """train.gradient_checkpointing, with `auto` resolved: on only on CUDA when the weights, gradients and
+    AdamW state (estimated from the trainable and frozen parameter counts) fill 40% of the device's memory;
+    recomputing activations costs ~30% of a step, which a model that fits should not pay."""
+    setting = cfg.train.gradient_checkpointing
+    if setting != "auto":
+        return setting
+    if model is None or not torch.cuda.is_available():
+        return False
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    weights = sum(p.numel() * p.element_size() for p in params)
+    state = trainable * (4 + 8)  # fp32 gradients (upper bound) + AdamW's two fp32 moments
+    return weights + state > 0.4 * torch.cuda.get_device_properties(0).total_memory
+
+
+def training_args(
+    cfg: Config, run: Path, report_to: list[str], eval_on: bool = True, model=None
+) -> TrainingArguments:
+    """`eval_on`: there are validation rows to generate on (a split can be empty). `model` (the one to
+    train) resolves `train.gradient_checkpointing: auto`."""
     t = cfg.train
     eval_on = eval_on and cfg.eval.subset > 0
     return TrainingArguments(
@@ -96,7 +116,8 @@ def training_args(cfg: Config, run: Path, report_to: list[str], eval_on: bool = 
         data_seed=t.seed,
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
-        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=gradient_checkpointing(cfg, model),
+        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
         activation_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -134,7 +155,9 @@ def train(
     encoder = make_encoder(cfg, processor)
     train_rows = rows_of(cfg, "train")[: cfg.data.max_train_rows]
     train_ds, collator, data = datasets(
-        cfg, CatalogDataset(train_rows, encoder, cfg.data.blank_images), processor
+        cfg,
+        CatalogDataset(train_rows, encoder, cfg.data.blank_images, cfg.data.augment, cfg.train.seed),
+        processor,
     )
     eval_rows = rows_of(cfg, "validation")[: cfg.eval.subset]
     set_seed(cfg.train.seed)  # LoRA init
@@ -150,7 +173,7 @@ def train(
     bar = RichProgress() if progress else None
     trainer = RunTrainer(
         model=model,
-        args=training_args(cfg, run, report_to, eval_on=bool(eval_rows)),
+        args=training_args(cfg, run, report_to, eval_on=bool(eval_rows), model=model),
         train_dataset=train_ds,
         eval_dataset=eval_rows or None,
         data_collator=collator,
@@ -174,6 +197,8 @@ def train(
             bar.close()  # also when training stops with an error
         finish_tracking(cfg.tracking)
     metrics = next((h for h in reversed(trainer.state.log_history) if "eval_n" in h), {})
+    if cfg.eval.select == "best":
+        metrics = load_best(trainer, cfg, run, state.is_main_process) or metrics
     final = save_final(trainer, processor, cfg, run, use_cache)
     return RunResult(
         run,
@@ -184,6 +209,34 @@ def train(
         checkpoint,
         data,
     )
+
+
+def load_best(trainer: RunTrainer, cfg: Config, run: Path, main: bool) -> dict[str, float] | None:
+    """Load the best evaluated checkpoint's weights into the trainer's model (for RUN/final) and say
+    which step won, in train_log.jsonl and on the console. Returns that eval's log entry."""
+    best = trainer.best_checkpoint()
+    if best is None:
+        return None
+    path, entry = best
+    last = trainer.state.global_step
+    if entry["step"] != last:
+        trainer.state.best_model_checkpoint = str(path)
+        trainer._load_best_model()
+        load_extra_trainables(trainer.model, path)
+    if main:
+        metric = cfg.eval.metric
+        line = {"step": last, "selected_step": entry["step"], "selected_by": metric}
+        line.update({f"selected_{k}": v for k, v in entry.items() if k.startswith("eval_")})
+        with open(run / LOG, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+        mape = entry.get("eval_price_mape")
+        print(
+            f"RUN/final = step {entry['step']} of {last} (best eval_{metric} {entry[f'eval_{metric}']:.4g}"
+            + (f", price MAPE {mape:.4g}" if mape is not None else "")
+            + ")",
+            flush=True,
+        )
+    return entry
 
 
 def datasets(cfg: Config, samples: CatalogDataset, processor):

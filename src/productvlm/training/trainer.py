@@ -37,6 +37,9 @@ from productvlm.training.evaluate import score
 from productvlm.training.tracking import log_eval_samples
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+VISION_PREFIX = "model.vision_embed_tokens.img_processor"
+VISION_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+PROJECTOR = ("img_projection", "glb_GN", "sub_GN")
 
 
 # ---------------------------------------------------------------- model
@@ -78,16 +81,19 @@ def apply_method(model, cfg: Config):
     from peft import LoraConfig, get_peft_model
 
     lora = cfg.train.lora
-    targets = "|".join(re.escape(t) for t in lora.targets)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        # the decoder only: the CLIP tower's projections stay as they are
-        target_modules=rf"^model\.layers\.\d+\..*\.({targets})$",
+        target_modules=lora_targets(lora.targets, lora.vision),
+        use_dora=lora.dora,
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
+    # peft casts adapters to fp32 unless told not to; in the compute dtype (bf16) they train ~1.4x
+    # faster on a GPU (issue 13). fp16 mixed precision needs fp32 adapters (its grad scaler
+    # cannot unscale fp16 gradients).
+    fp32 = lora.adapter_dtype == "float32" or cfg.train.precision == "fp16"
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=fp32)
     if method == "lora+projector":
         # requires_grad rather than peft's modules_to_save: the model indexes img_projection[0],
         # which a ModulesToSaveWrapper does not support; these weights are saved beside the adapter.
@@ -95,6 +101,38 @@ def apply_method(model, cfg: Config):
         for part in (embedding.img_projection, embedding.glb_GN, embedding.sub_GN):
             part.requires_grad_(True)
     return peft_model
+
+
+def lora_targets(decoder: list[str], vision: bool) -> str:
+    """peft's target regex: the decoder layers' `decoder` projections, plus the CLIP tower's with `vision`."""
+    names = "|".join(re.escape(t) for t in decoder)
+    pattern = rf"^model\.layers\.\d+\..*\.({names})$"
+    if vision:
+        pattern += rf"|^{re.escape(VISION_PREFIX)}\..*\.({'|'.join(VISION_TARGETS)})$"
+    return pattern
+
+
+def model_part(name: str) -> str:
+    """vision (the CLIP tower), projector (image projection and separators) or decoder."""
+    if ".img_processor." in name:
+        return "vision"
+    if any(f".{p}" in name for p in PROJECTOR):
+        return "projector"
+    return "decoder"
+
+
+def param_groups(model, t, decay: set[str] | list[str]) -> list[dict[str, Any]]:
+    """Trainable parameters grouped by (part, weight decay), each part at its own learning rate."""
+    rates = {"decoder": t.lr, "vision": t.lr_vision or t.lr, "projector": t.lr_projector or t.lr}
+    decay = set(decay)
+    groups: dict[tuple[str, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((model_part(name), name in decay), []).append(p)
+    return [
+        {"params": ps, "lr": rates[part], "weight_decay": t.weight_decay if decayed else 0.0, "part": part}
+        for (part, decayed), ps in sorted(groups.items())
+    ]
 
 
 def extra_trainables(model) -> dict[str, torch.Tensor]:
@@ -154,6 +192,15 @@ class RunTrainer(Trainer):
         self.run_cfg, self.eval_rows = run_cfg, eval_rows
         self._sampler: EpochLengthSampler | None = None
 
+    def create_optimizer(self, model=None):
+        """transformers' optimizer (AdamW, fused on CUDA) over per-part groups: train.lr_vision / lr_projector / lr."""
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            groups = param_groups(model, self.run_cfg.train, self.get_decay_parameter_names(model))
+            self.optimizer = cls(groups, **kwargs)
+        return self.optimizer
+
     def _get_train_sampler(self, train_dataset=None):
         if not self.run_cfg.train.group_by_length:
             return super()._get_train_sampler(train_dataset)
@@ -166,6 +213,9 @@ class RunTrainer(Trainer):
         # accelerate's skip_first_batches wrapper (used on resume) does not forward set_epoch
         if self._sampler is not None:
             self._sampler.set_epoch(kwargs["epoch"])
+        # the augmentation's draws: workers start (copying the dataset) when the epoch's iteration does
+        if hasattr(self.train_dataset, "set_epoch"):
+            self.train_dataset.set_epoch(kwargs["epoch"])
         return super()._run_epoch(**kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -193,7 +243,8 @@ class RunTrainer(Trainer):
             shutil.rmtree(target, ignore_errors=True)
             os.replace(written, target)
             shutil.rmtree(staging, ignore_errors=True)
-            _rotate(root, self.run_cfg.train.save_total_limit)
+            best = self.best_checkpoint()
+            _rotate(root, self.run_cfg.train.save_total_limit, keep=best[0] if best else None)
         self.accelerator.wait_for_everyone()
 
     def _get_output_dir(self, trial) -> str:
@@ -262,6 +313,7 @@ class RunTrainer(Trainer):
                 c.eval.max_new_tokens,
                 c.eval.batch_size,
                 c.data.blank_images,
+                compiled=False,  # mid-training shapes vary and the weights change: no compiled decode
             )
         if self.args.world_size > 1:
             from accelerate.utils import gather_object
@@ -273,7 +325,22 @@ class RunTrainer(Trainer):
             self._log_samples(answers)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self.last_eval = (metrics, answers)
+        if c.eval.select == "best":
+            self.control.should_save = True  # every evaluated step can become RUN/final
+        patience = c.eval.patience
+        if patience and evals_since_best(self.state.log_history, c.eval.metric) >= patience:
+            self.control.should_training_stop = True
+            self.log({"early_stop": 1.0, "evals_without_improvement": float(patience)})
         return metrics
+
+    def best_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+        """(checkpoint folder, its eval log entry) of the best evaluated step that has a checkpoint."""
+        root = Path(self.args.output_dir)
+        for entry in ranked_evals(self.state.log_history, self.run_cfg.eval.metric):
+            path = root / f"step-{entry['step']:06d}"
+            if path.is_dir():
+                return path, entry
+        return None
 
     def _log_samples(self, answers: list[str]) -> None:
         """Image, truth and prediction per validation row: to RUN/eval_samples.jsonl and the tracker."""
@@ -293,11 +360,40 @@ class RunTrainer(Trainer):
         log_eval_samples(self.run_cfg.tracking.backend, step, samples, self.callback_handler.callbacks)
 
 
-def _rotate(root: Path, limit: int | None) -> None:
+def _rotate(root: Path, limit: int | None, keep: Path | None = None) -> None:
+    """Delete all but the newest `limit` checkpoints, never `keep` (the best one)."""
     if not limit:
         return
-    for old in complete_checkpoints(root)[:-limit]:
+    for old in [p for p in complete_checkpoints(root) if p != keep][:-limit]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- model selection
+
+
+def _finite(x: Any, worst: float) -> float:
+    return worst if x is None or x != x else float(x)  # NaN (no parsable price) ranks last
+
+
+def selection_key(entry: dict[str, Any], metric: str) -> tuple[float, float, int]:
+    """Sort key, best first: the metric (accuracy/F1 up, MAPE down), then price MAPE, then the earlier step."""
+    value = entry[f"eval_{metric}"]
+    main = _finite(value, float("inf")) if metric == "price_mape" else -_finite(value, float("-inf"))
+    return main, _finite(entry.get("eval_price_mape"), float("inf")), entry["step"]
+
+
+def ranked_evals(history: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The eval log entries (one per step), best first. A pure function of the log, so a resumed run
+    (whose log_history comes back from the checkpoint) ranks exactly as the uninterrupted one."""
+    evals = {e["step"]: e for e in history if f"eval_{metric}" in e}
+    return sorted(evals.values(), key=lambda e: selection_key(e, metric))
+
+
+def evals_since_best(history: list[dict[str, Any]], metric: str) -> int:
+    ranked = ranked_evals(history, metric)
+    if not ranked:
+        return 0
+    return sum(1 for e in ranked if e["step"] > ranked[0]["step"])
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

@@ -236,6 +236,10 @@ PRESETS: dict[str, dict] = {
         num_crops=4,
     ),
 }
+# The tiny shape at 168 px crops, 6x6 = 36 tokens per crop (~2x the 112 px model's time per step),
+# for recipes that need finer detail to tell look-alike silhouettes apart. Measured on the demo
+# catalog with augmentation, 10 epochs: 57.3% held-out category accuracy (README, Train).
+PRESETS["tiny-168"] = {**PRESETS["tiny"], "vision": {**PRESETS["tiny"]["vision"], "image_size": 168}}
 
 
 def preset_config(name: str, tokenizer: PreTrainedTokenizerFast) -> Phi3VConfig:
