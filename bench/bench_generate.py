@@ -29,7 +29,7 @@ def run(
     from productvlm.inference.generate import generate_answers
     from productvlm.models.phi3v import Phi3VForCausalLM, Phi3VProcessor
     from productvlm.prompting.settings import PromptSettings
-    from productvlm.training.trainer import rows_of
+    from productvlm.training.data import rows_of
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -97,7 +97,7 @@ def base_model(config, attention: str, dtype: torch.dtype, device):
 def for_training(model, method: str):
     """Gradient checkpointing, no KV cache, wrapped for `method` as `train` does (LoRA: in place)."""
     from productvlm.config import load_config
-    from productvlm.training.trainer import apply_method
+    from productvlm.training.model import apply_method
 
     model.config.use_cache = False
     if not model.is_activation_checkpointing:

@@ -48,8 +48,7 @@ def split_step(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def breakdown(cfg, steps: int) -> tuple[dict[str, float], float]:
     """Milliseconds per step in each part (after one warm-up step), and the total per step."""
     from productvlm.models.phi3v import Phi3VForCausalLM, Phi3VProcessor
-    from productvlm.training.data import CatalogDataset, Collator
-    from productvlm.training.trainer import make_encoder, rows_of
+    from productvlm.training.data import CatalogDataset, Collator, make_encoder, rows_of
 
     torch.manual_seed(cfg.train.seed)
     model = Phi3VForCausalLM.from_pretrained(tiny_model(cfg.train.seed), dtype=torch.float32).train()

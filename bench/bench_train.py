@@ -65,7 +65,7 @@ class Naive:
 def naive_train(model_dir: Path, cfg, rows: list[dict[str, Any]]) -> Naive:
     """Trains on `rows` one at a time, as the common script does."""
     from productvlm.models.phi3v import Phi3VForCausalLM, Phi3VProcessor
-    from productvlm.training.trainer import make_encoder
+    from productvlm.training.data import make_encoder
 
     torch.manual_seed(cfg.train.seed)
     model = Phi3VForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
@@ -86,8 +86,7 @@ def naive_train(model_dir: Path, cfg, rows: list[dict[str, Any]]) -> Naive:
 def encoded_lengths(cfg, num_crops: int) -> list[int]:
     """Tokens per train sample at `num_crops`, from the image headers alone."""
     from productvlm.models.phi3v import Phi3VProcessor
-    from productvlm.training.data import Encoder
-    from productvlm.training.trainer import rows_of
+    from productvlm.training.data import Encoder, rows_of
 
     processor = Phi3VProcessor.from_pretrained(Path(cfg.output_dir) / "base-model")
     encoder = Encoder(processor, cfg.data.prompt, cfg.data.answer, num_crops, max_tokens=1 << 20)
@@ -171,7 +170,7 @@ def run(
 
 
 def _run(tmp: Path, steps: int, batch_size: int, rows: int, rounds: int, packing: bool) -> list[dict]:
-    from productvlm.training.trainer import rows_of
+    from productvlm.training.data import rows_of
 
     data = catalog(rows)
     overrides = (f"train.max_steps={steps}", f"train.batch_size={batch_size}")

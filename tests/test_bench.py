@@ -34,7 +34,7 @@ def check_rows(rows: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from productvlm.models.phi3v import Phi3VProcessor
-    from productvlm.training.trainer import make_encoder, rows_of
+    from productvlm.training.data import make_encoder, rows_of
 
     cfg = tiny_config(catalog(ROWS), tmp_path_factory.mktemp("run"))
     processor = Phi3VProcessor.from_pretrained(tiny_model())

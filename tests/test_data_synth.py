@@ -189,3 +189,20 @@ def test_longtail_kind_is_shaped_like_the_price_lists(tmp_path):
 def test_unknown_kind_is_named(tmp_path):
     with pytest.raises(UserError, match="--kind 'toys'"):
         synth.synthesize(tmp_path / "x", rows=2, kind="toys", progress=False)
+
+
+def test_cli_makes_the_other_kinds(tmp_path):
+    from typer.testing import CliRunner
+
+    from productvlm.cli import app
+
+    out = tmp_path / "home"
+    result = CliRunner().invoke(
+        app, ["data", "synth", "--out", str(out), "--rows", "12", "--kind", "home", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "dataset.json").read_text())["synth"]["kind"] == "home"
+    bad = CliRunner().invoke(
+        app, ["data", "synth", "--out", str(tmp_path / "x"), "--rows", "2", "--kind", "toys"]
+    )
+    assert isinstance(bad.exception, UserError) and "--kind 'toys'" in str(bad.exception)  # main() exits 2

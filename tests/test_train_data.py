@@ -10,8 +10,7 @@ from productvlm.data.synth import synthesize
 from productvlm.errors import UserError
 from productvlm.inference.inputs import load_image
 from productvlm.models.phi3v import Phi3VForCausalLM, Phi3VProcessor
-from productvlm.training.data import IGNORE, CatalogDataset, Collator, Encoder
-from productvlm.training.trainer import EpochLengthSampler
+from productvlm.training.data import IGNORE, CatalogDataset, Collator, Encoder, EpochLengthSampler
 
 
 @pytest.fixture(scope="module")

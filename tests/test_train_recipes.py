@@ -11,15 +11,10 @@ from productvlm.data.folder import read_split
 from productvlm.data.synth import synthesize
 from productvlm.errors import UserError
 from productvlm.models.phi3v import Phi3VForCausalLM, Phi3VProcessor
+from productvlm.training.checkpoints import evals_since_best, ranked_evals
 from productvlm.training.data import CatalogDataset, Collator, Encoder
+from productvlm.training.model import apply_method, model_part, param_groups
 from productvlm.training.run import gradient_checkpointing, training_args
-from productvlm.training.trainer import (
-    apply_method,
-    evals_since_best,
-    model_part,
-    param_groups,
-    ranked_evals,
-)
 
 
 def cfg_of(*sets):

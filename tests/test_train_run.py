@@ -14,8 +14,8 @@ from productvlm.data.folder import read_split
 from productvlm.data.synth import synthesize
 from productvlm.errors import UserError
 from productvlm.models.phi3v import Phi3VForCausalLM
+from productvlm.training.callbacks import StopAfter
 from productvlm.training.run import train
-from productvlm.training.trainer import StopAfter
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRACKER_ENV = [

@@ -39,6 +39,12 @@ def synth(
     workers: int = typer.Option(0, "--workers", help="Render processes (0 = one per CPU core)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset in --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    kind: str = typer.Option(
+        "fashion",
+        "--kind",
+        help="fashion (9 balanced categories), home (8 home-goods categories, other photo sizes and "
+        "price rule) or longtail (shaped like the real price lists: Zipf categories, N.A., 35 to 570k).",
+    ),
 ) -> None:
     """Make a synthetic catalog: Burberry-style columns and one rendered photo per product.
 
@@ -49,7 +55,7 @@ def synth(
     from productvlm.data.synth import synthesize
 
     info = synthesize(
-        out, rows=rows, seed=seed, workers=workers or None, overwrite=overwrite, progress=not quiet
+        out, rows=rows, seed=seed, workers=workers or None, overwrite=overwrite, progress=not quiet, kind=kind
     )
     counts = ", ".join(f"{k} {v}" for k, v in info["counts"].items())
     rate = rows / info["seconds"]

@@ -529,22 +529,3 @@ def synthesize(
     }
     folder.write_dataset_json(out_dir, info)
     return {**info, "seconds": seconds}
-
-
-def main(
-    out: Path,
-    rows: int = 1000,
-    seed: int = 0,
-    kind: str = "fashion",
-    overwrite: bool = False,
-) -> None:
-    """`python -m productvlm.data.synth OUT --kind home|longtail|fashion --rows N --seed S`
-    (`productvlm data synth` makes the default fashion kind)."""
-    info = synthesize(out, rows=rows, seed=seed, overwrite=overwrite, kind=kind)
-    print(f"wrote {rows} {kind} rows to {out}: {info['counts']}")
-
-
-if __name__ == "__main__":
-    import typer
-
-    typer.run(main)

@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset
-from transformers.trainer_pt_utils import get_length_grouped_indices
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
+from productvlm.config import Config
+from productvlm.data.folder import read_split
 from productvlm.errors import UserError
 from productvlm.inference.inputs import image_size, load_image, photo_tensors, prompt_ids
 from productvlm.prompting.templates import END, render, sample_name
@@ -244,3 +246,29 @@ def padding_share(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     slots = sum(max(lengths[i] for i in b) * len(b) for b in batches)
     return 1.0 - sum(lengths) / slots
+
+
+def rows_of(cfg: Config, split: str) -> list[dict[str, Any]]:
+    rows = read_split(cfg.data.dir, split)
+    if not rows and split == "train":
+        raise UserError(f"data.dir {cfg.data.dir}: the train split has no rows")
+    return rows
+
+
+def make_encoder(cfg: Config, processor) -> Encoder:
+    d = cfg.data
+    return Encoder(processor, d.prompt, d.answer, d.num_crops, d.max_tokens_per_sample)
+
+
+class EpochLengthSampler(LengthGroupedSampler):
+    """Length-grouped order that depends only on (seed, epoch), so a resumed run replays it exactly."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(length_grouped_order(self.lengths, self.batch_size, self.seed + self.epoch))

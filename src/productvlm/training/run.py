@@ -14,27 +14,24 @@ from transformers import PrinterCallback, TrainerCallback, TrainingArguments, se
 
 from productvlm.config import Config
 from productvlm.errors import UserError
-from productvlm.models.loading import load_extra_trainables
+from productvlm.models.loading import EXTRA_TRAINABLES, load_extra_trainables
 from productvlm.prompting.settings import PromptSettings
 from productvlm.run_folder import CHECKPOINTS, FINAL, LOG, SAMPLES
-from productvlm.training.data import CatalogDataset, Collator, PackCollator, PackedDataset, padding_share
+from productvlm.training.callbacks import EvalAtEnd, JsonlLog, LogConfig
+from productvlm.training.checkpoints import complete_checkpoints, truncate_log
+from productvlm.training.data import (
+    CatalogDataset,
+    Collator,
+    PackCollator,
+    PackedDataset,
+    make_encoder,
+    padding_share,
+    rows_of,
+)
+from productvlm.training.model import apply_method, extra_trainables, load_model, model_dir
 from productvlm.training.progress import RichProgress
 from productvlm.training.tracking import finish_tracking, setup_tracking
-from productvlm.training.trainer import (
-    EXTRA_TRAINABLES,
-    EvalAtEnd,
-    JsonlLog,
-    LogConfig,
-    RunTrainer,
-    apply_method,
-    complete_checkpoints,
-    extra_trainables,
-    load_model,
-    make_encoder,
-    model_dir,
-    rows_of,
-    truncate_log,
-)
+from productvlm.training.trainer import RunTrainer
 
 
 @dataclass

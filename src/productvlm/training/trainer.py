@@ -1,4 +1,5 @@
-"""Build the model (+ peft), the datasets and transformers' Trainer from a Config; write the run folder.
+"""`RunTrainer`: transformers' Trainer with per-part learning rates, atomic checkpoints, a NaN/inf guard,
+evaluation by generation and best-checkpoint selection. It writes into the run folder:
 
 RUN/
   config.yaml            the resolved config
@@ -20,20 +21,19 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers import Trainer
 
 from productvlm.config import Config
-from productvlm.data.folder import read_split
 from productvlm.errors import UserError
 from productvlm.inference.generate import generate_answers
-from productvlm.models.loading import DTYPES, EXTRA_TRAINABLES, load_extra_trainables
-from productvlm.models.phi3v import Phi3VForCausalLM, Phi3VProcessor
+from productvlm.models.loading import EXTRA_TRAINABLES, load_extra_trainables
 from productvlm.prompting.settings import PromptSettings
 from productvlm.prompting.templates import render
-from productvlm.run_folder import FINAL, SAMPLES
-from productvlm.training.data import Encoder, length_grouped_order
+from productvlm.run_folder import SAMPLES
+from productvlm.training.checkpoints import complete_checkpoints, evals_since_best, ranked_evals, rotate
+from productvlm.training.data import EpochLengthSampler
 from productvlm.training.evaluate import score
+from productvlm.training.model import extra_trainables, param_groups
 from productvlm.training.tracking import log_eval_samples
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -42,146 +42,8 @@ VISION_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 PROJECTOR = ("img_projection", "glb_GN", "sub_GN")
 
 
-# ---------------------------------------------------------------- model
-
-
-def model_dir(cfg: Config, run: Path) -> str:
-    """The folder or hub id to load; a preset is written once into RUN/base-model."""
-    if cfg.model.preset is None:
-        return cfg.model.path
-    from productvlm.models.phi3v.presets import PRESETS, init_model
-
-    if cfg.model.preset not in PRESETS:
-        raise UserError(f"model.path: unknown preset {cfg.model.preset!r}; choose from {', '.join(PRESETS)}")
-    base = run / "base-model"
-    if not (base / "config.json").is_file():
-        init_model(cfg.model.preset, base, seed=cfg.train.seed)
-    return str(base)
-
-
-def load_model(cfg: Config, path: str):
-    try:
-        model = Phi3VForCausalLM.from_pretrained(
-            path, dtype=DTYPES[cfg.model.dtype], attn_implementation=cfg.model.attention
-        )
-        processor = Phi3VProcessor.from_pretrained(path)
-    except OSError as e:
-        raise UserError(f"model.path {path!r}: cannot load it ({str(e).splitlines()[0]})") from e
-    return model, processor
-
-
-def apply_method(model, cfg: Config):
-    """Freeze / wrap the model for train.method; returns the model to train."""
-    method = cfg.train.method
-    if method == "full":
-        return model
-    if method == "frozen_vision":
-        model.model.vision_embed_tokens.img_processor.requires_grad_(False)
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    lora = cfg.train.lora
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora_targets(lora.targets, lora.vision),
-        use_dora=lora.dora,
-        task_type="CAUSAL_LM",
-    )
-    # peft casts adapters to fp32 unless told not to; in the compute dtype (bf16) they train ~1.4x
-    # faster on a GPU (issue 13). fp16 mixed precision needs fp32 adapters (its grad scaler
-    # cannot unscale fp16 gradients).
-    fp32 = lora.adapter_dtype == "float32" or cfg.train.precision == "fp16"
-    peft_model = get_peft_model(model, config, autocast_adapter_dtype=fp32)
-    if method == "lora+projector":
-        # requires_grad rather than peft's modules_to_save: the model indexes img_projection[0],
-        # which a ModulesToSaveWrapper does not support; these weights are saved beside the adapter.
-        embedding = peft_model.base_model.model.model.vision_embed_tokens
-        for part in (embedding.img_projection, embedding.glb_GN, embedding.sub_GN):
-            part.requires_grad_(True)
-    return peft_model
-
-
-def lora_targets(decoder: list[str], vision: bool) -> str:
-    """peft's target regex: the decoder layers' `decoder` projections, plus the CLIP tower's with `vision`."""
-    names = "|".join(re.escape(t) for t in decoder)
-    pattern = rf"^model\.layers\.\d+\..*\.({names})$"
-    if vision:
-        pattern += rf"|^{re.escape(VISION_PREFIX)}\..*\.({'|'.join(VISION_TARGETS)})$"
-    return pattern
-
-
-def model_part(name: str) -> str:
-    """vision (the CLIP tower), projector (image projection and separators) or decoder."""
-    if ".img_processor." in name:
-        return "vision"
-    if any(f".{p}" in name for p in PROJECTOR):
-        return "projector"
-    return "decoder"
-
-
-def param_groups(model, t, decay: set[str] | list[str]) -> list[dict[str, Any]]:
-    """Trainable parameters grouped by (part, weight decay), each part at its own learning rate."""
-    rates = {"decoder": t.lr, "vision": t.lr_vision or t.lr, "projector": t.lr_projector or t.lr}
-    decay = set(decay)
-    groups: dict[tuple[str, bool], list] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault((model_part(name), name in decay), []).append(p)
-    return [
-        {"params": ps, "lr": rates[part], "weight_decay": t.weight_decay if decayed else 0.0, "part": part}
-        for (part, decayed), ps in sorted(groups.items())
-    ]
-
-
-def extra_trainables(model) -> dict[str, torch.Tensor]:
-    """Trainable parameters a peft adapter file does not hold (lora+projector: img_projection, glb_GN, sub_GN)."""
-    from peft import PeftModel
-
-    if not isinstance(model, PeftModel):
-        return {}
-    return {
-        n: p.detach().contiguous()
-        for n, p in model.named_parameters()
-        if p.requires_grad and "lora_" not in n
-    }
-
-
-# ---------------------------------------------------------------- data
-
-
-def rows_of(cfg: Config, split: str) -> list[dict[str, Any]]:
-    rows = read_split(cfg.data.dir, split)
-    if not rows and split == "train":
-        raise UserError(f"data.dir {cfg.data.dir}: the train split has no rows")
-    return rows
-
-
-def make_encoder(cfg: Config, processor) -> Encoder:
-    d = cfg.data
-    return Encoder(processor, d.prompt, d.answer, d.num_crops, d.max_tokens_per_sample)
-
-
-class EpochLengthSampler(LengthGroupedSampler):
-    """Length-grouped order that depends only on (seed, epoch), so a resumed run replays it exactly."""
-
-    def __init__(self, batch_size: int, lengths: list[int], seed: int):
-        super().__init__(batch_size, lengths=lengths)
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        return iter(length_grouped_order(self.lengths, self.batch_size, self.seed + self.epoch))
-
-
 class TrainingDiverged(UserError):
     """The loss or the weights became NaN/inf; nothing from that step on was saved."""
-
-
-# ---------------------------------------------------------------- trainer
 
 
 class RunTrainer(Trainer):
@@ -244,7 +106,7 @@ class RunTrainer(Trainer):
             os.replace(written, target)
             shutil.rmtree(staging, ignore_errors=True)
             best = self.best_checkpoint()
-            _rotate(root, self.run_cfg.train.save_total_limit, keep=best[0] if best else None)
+            rotate(root, self.run_cfg.train.save_total_limit, keep=best[0] if best else None)
         self.accelerator.wait_for_everyone()
 
     def _get_output_dir(self, trial) -> str:
@@ -358,129 +220,3 @@ class RunTrainer(Trainer):
         with open(Path(self.run_cfg.output_dir) / SAMPLES, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
         log_eval_samples(self.run_cfg.tracking.backend, step, samples, self.callback_handler.callbacks)
-
-
-def _rotate(root: Path, limit: int | None, keep: Path | None = None) -> None:
-    """Delete all but the newest `limit` checkpoints, never `keep` (the best one)."""
-    if not limit:
-        return
-    for old in [p for p in complete_checkpoints(root) if p != keep][:-limit]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-# ---------------------------------------------------------------- model selection
-
-
-def _finite(x: Any, worst: float) -> float:
-    return worst if x is None or x != x else float(x)  # NaN (no parsable price) ranks last
-
-
-def selection_key(entry: dict[str, Any], metric: str) -> tuple[float, float, int]:
-    """Sort key, best first: the metric (accuracy/F1 up, MAPE down), then price MAPE, then the earlier step."""
-    value = entry[f"eval_{metric}"]
-    main = _finite(value, float("inf")) if metric == "price_mape" else -_finite(value, float("-inf"))
-    return main, _finite(entry.get("eval_price_mape"), float("inf")), entry["step"]
-
-
-def ranked_evals(history: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """The eval log entries (one per step), best first. A pure function of the log, so a resumed run
-    (whose log_history comes back from the checkpoint) ranks exactly as the uninterrupted one."""
-    evals = {e["step"]: e for e in history if f"eval_{metric}" in e}
-    return sorted(evals.values(), key=lambda e: selection_key(e, metric))
-
-
-def evals_since_best(history: list[dict[str, Any]], metric: str) -> int:
-    ranked = ranked_evals(history, metric)
-    if not ranked:
-        return 0
-    return sum(1 for e in ranked if e["step"] > ranked[0]["step"])
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Renamed-into-place checkpoints, oldest first (staging leftovers are ignored)."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
-# ---------------------------------------------------------------- callbacks
-
-
-class JsonlLog(TrainerCallback):
-    """Appends every log event (loss, lr, eval metrics) to RUN/train_log.jsonl."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
-
-
-class LogConfig(TrainerCallback):
-    """Adds the resolved config and a model summary to the tracker's run (after its callback started it)."""
-
-    def __init__(self, cfg: Config, run: Path, data: dict[str, float] | None = None):
-        self.cfg, self.run, self.data = cfg, run, data or {}
-
-    def summary(self, model) -> dict[str, Any]:
-        params = list(model.parameters())
-        return {
-            "parameters": sum(p.numel() for p in params),
-            "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
-            "method": self.cfg.train.method,
-            "final_model": str(self.run / FINAL),
-        }
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        backend = self.cfg.tracking.backend
-        summary = self.summary(model)
-        if backend == "wandb":
-            import wandb
-
-            if wandb.run is not None:
-                wandb.config.update({"productvlm": self.cfg.to_dict()}, allow_val_change=True)
-                wandb.run.summary.update({f"model/{k}": v for k, v in summary.items()})
-                wandb.run.summary.update({f"data/{k}": v for k, v in self.data.items()})
-        elif backend == "mlflow":
-            import mlflow
-
-            if mlflow.active_run() is not None:
-                mlflow.log_dict(self.cfg.to_dict(), "productvlm_config.json")
-                mlflow.set_tags({f"model.{k}": v for k, v in summary.items()})
-                mlflow.log_params({f"data.{k}": v for k, v in self.data.items()})
-
-
-class EvalAtEnd(TrainerCallback):
-    """Evaluates after the last step too, inside training, so the trackers still record it."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.enabled and state.global_step >= state.max_steps:
-            control.should_evaluate = True
-
-
-class StopAfter(TrainerCallback):
-    """Stops training after `step` optimizer steps (used to simulate an interruption in tests)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """On resume, drop log lines written after the checkpoint we resume from."""
-    if not path.is_file():
-        return
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
