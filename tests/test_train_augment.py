@@ -56,7 +56,7 @@ def test_disabled_changes_nothing_and_blank_images_stay_blank(tmp_path):
         def __call__(self, row):
             from productvlm.training.data import Encoded
 
-            return Encoded([1, 2], [-100, 2], row["image_path"], "x")
+            return Encoded([1, 2], [-100, 2], row["image_path"])
 
     rows = [{"image_path": str(path)}]
     off = CatalogDataset(rows, Enc(), augment=AugmentConfig(scale=0.2))[0]["image"]

@@ -258,8 +258,9 @@ def app_from_folder(
 ):
     from productvlm.models.evaluations import model_summary
     from productvlm.models.loading import load_pretrained, resolve_model_dir
+    from productvlm.prompting.settings import load_prompt_settings
 
     model, processor = load_pretrained(model_dir, dtype=dtype, device=device)
     where = resolve_model_dir(model_dir)
     info = model_summary(where) if isinstance(where, Path) else None
-    return create_app(model, processor(where), settings, model_info=info)
+    return create_app(model, processor, load_prompt_settings(where), settings, model_info=info)
