@@ -100,7 +100,7 @@ def _placeholder(v: Any) -> bool:
 
 
 def parse_price(value: Any, column: str, rules: RowRules = RowRules()) -> float | None:
-    """The price in a cell (data/prices.py reads it), None when empty; RowRejected with the reason."""
+    """The price in a cell (productvlm.prices reads it), None when empty; RowRejected with the reason."""
     try:
         price = read_price(value, rules.max_price)
     except PriceError as e:
