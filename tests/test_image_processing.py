@@ -126,6 +126,8 @@ def test_loads_official_preprocessor_config(folder, num_crops):
         ((640, 200), 4, 336),
         ((333, 333), 9, 112),
         ((97, 301), 6, 56),
+        ((373, 300), 1, 168),  # one crop: the global view skips the (identity) bicubic resize
+        ((300, 373), 1, 112),
     ],
 )
 def test_fast_path_equals_slow_reference(size, num_crops, crop_size):

@@ -190,3 +190,43 @@ def test_decode_step_embeds_without_reading_the_ids(model, processor):
         assert torch.equal(embeds, model.model.embed_tokens(step))
         explained = torch._dynamo.explain(model.model.embed)(step)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_training_loss_on_labelled_positions_equals_full_logits_loss(processor, tiny_model_dir):
+    """Training applies the LM head only where labels are; loss and gradients equal the full-logits
+    loss (transformers' ForCausalLMLoss), with and without the Trainer's num_items_in_batch."""
+    model = Phi3VForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    batch = processor([p for p, _ in PROMPTS], [ims for _, ims in PROMPTS], padding_side="right")
+    labels = batch["input_ids"].clone()
+    labels[:, : labels.shape[1] // 2] = -100  # a prompt part without labels
+    labels[batch["attention_mask"] == 0] = -100
+    for items in (None, torch.tensor(int((labels[:, 1:] != -100).sum()) + 3)):
+        extra = {} if items is None else {"num_items_in_batch": items}
+        losses, grads = [], []
+        for training in (False, True):
+            model.train(training)
+            model.zero_grad()
+            out = model(**batch, labels=labels, **extra)
+            out.loss.backward()
+            losses.append(out.loss.detach())
+            grads.append(model.lm_head.weight.grad.clone())
+        assert out.logits.shape == (int((labels[:, 1:] != -100).sum()), model.config.vocab_size)
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+
+
+def test_preset_vision_positions_start_as_2d_sincos(tiny_model_dir):
+    """A from-scratch preset starts its patch positions at 2-D sin-cos codes: each patch's code is
+    more similar to its neighbours' than to far patches', along rows and columns alike; CLS is zero."""
+    model = Phi3VForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    weight = model.model.vision_embed_tokens.img_processor.vision_model.embeddings.position_embedding.weight
+    grid = model.model.vision_embed_tokens.grid
+    codes = torch.nn.functional.normalize(weight[1:].detach(), dim=-1).reshape(grid, grid, -1)
+    assert weight[0].abs().sum() == 0
+    sim = lambda a, b: float((codes[a] * codes[b]).sum())  # noqa: E731
+    centre = (grid // 2, grid // 2)
+    for near, far in [
+        ((grid // 2, grid // 2 + 1), (grid // 2, 0)),
+        ((grid // 2 + 1, grid // 2), (0, grid // 2)),
+    ]:
+        assert sim(centre, near) > sim(centre, far) + 0.1

@@ -1,12 +1,16 @@
 """data.augment: geometric only, same size, same draws for the same (seed, epoch, sample), off for eval."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from productvlm.config import AugmentConfig, load_config
 from productvlm.errors import UserError
-from productvlm.training.augment import augment, border_colour, sample_rng, warp
+from productvlm.models.phi3v import Phi3VImageProcessor
+from productvlm.training.augment import at_model_size, augment, border_colour, sample_rng, warp
 from productvlm.training.data import CatalogDataset
 
 ON = AugmentConfig(enabled=True, scale=0.1, translate=0.1, rotate=10, hflip=True, jpeg_quality=(50, 95))
@@ -53,6 +57,8 @@ def test_disabled_changes_nothing_and_blank_images_stay_blank(tmp_path):
     photo().save(path)
 
     class Enc:
+        num_crops, processor = 1, SimpleNamespace(image_processor=SimpleNamespace(crop_size=56))
+
         def __call__(self, row):
             from productvlm.training.data import Encoded
 
@@ -63,6 +69,7 @@ def test_disabled_changes_nothing_and_blank_images_stay_blank(tmp_path):
     assert np.array_equal(np.asarray(off), np.asarray(photo()))
     on = CatalogDataset(rows, Enc(), augment=ON, seed=3)
     first = np.asarray(on[0]["image"])
+    assert on[0]["image"].size == (56, 42)  # warped at the size the processor resizes it to
     on.set_epoch(1)
     assert not np.array_equal(first, np.asarray(on[0]["image"]))
     on.set_epoch(0)
@@ -86,3 +93,20 @@ def test_disabled_changes_nothing_and_blank_images_stay_blank(tmp_path):
 def test_bad_augment_values_are_named(item, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         load_config(None, [item])
+
+
+@pytest.mark.parametrize("num_crops, crop", [(1, 112), (1, 168), (4, 112), (16, 56)])
+def test_augmenting_at_model_size_keeps_token_counts_and_pixels(num_crops, crop):
+    """The warp works on the photo at the processor's size: same image tokens for every size, and
+    the same pixel values as the full-size photo whenever the processor's resize is then a copy."""
+    proc = Phi3VImageProcessor(num_crops=num_crops, crop_size=crop, num_img_tokens=(crop // 28) ** 2)
+    exact = 0
+    for w, h in [(120, 90), (90, 120), (373, 373), (800, 533), (533, 800), (300, 520), (1000, 61), (61, 700)]:
+        img = photo(w, h)
+        small = at_model_size(img, num_crops, crop)
+        assert proc.calc_num_image_tokens(small) == proc.calc_num_image_tokens(img)
+        a, b = proc(small)["pixel_values"], proc(img)["pixel_values"]
+        assert a.shape == b.shape
+        if torch.equal(a, b):
+            exact += 1
+    assert exact >= 6

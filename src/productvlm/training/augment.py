@@ -1,8 +1,9 @@
 """Label-preserving geometric augmentation of training photos (`data.augment`), never colour.
 
 One affine warp per photo (scale about the centre, small rotation, translation, optional
-horizontal flip), then optionally a JPEG re-compression. The photo keeps its width and height, so
-its image-token count (computed from the header) stays exact. Uncovered corners are filled with
+horizontal flip), then optionally a JPEG re-compression, done on the photo at the size the model's
+processor resizes it to (`at_model_size`). The warp keeps that size and the crop grid, so the
+image-token count (computed from the file's header) stays exact. Uncovered corners are filled with
 the photo's own border colour (the studio backdrop), not black.
 
 Every draw comes from an RNG seeded by (seed, epoch, sample index): the same sample in the same
@@ -19,6 +20,17 @@ import numpy as np
 from PIL import Image
 
 from productvlm.config import AugmentConfig
+from productvlm.models.phi3v.image_processing_phi3v import hd_resize
+from productvlm.models.phi3v.image_tokens import hd_grid
+
+
+def at_model_size(img: Image.Image, num_crops: int, crop_size: int) -> Image.Image:
+    """The photo resized as the model's processor would resize it, so that the warp works on a
+    fraction of the pixels (its cost is most of a sample's); the original photo in the rare case
+    where the smaller size would change its crop grid (and so its image-token count)."""
+    small = hd_resize(img, num_crops, crop_size)
+    same = hd_grid(*small.size, num_crops, crop_size) == hd_grid(*img.size, num_crops, crop_size)
+    return small if same else img
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:

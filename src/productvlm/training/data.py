@@ -87,6 +87,7 @@ class CatalogDataset(Dataset):
     ):
         self.rows = rows
         self.samples = [encoder(row) for row in rows]
+        self.num_crops, self.crop_size = encoder.num_crops, encoder.processor.image_processor.crop_size
         self.blank_images = blank_images
         self.augment, self.seed, self.epoch = augment, seed, 0  # augment: a data.augment config or None
 
@@ -105,8 +106,9 @@ class CatalogDataset(Dataset):
         s = self.samples[i]
         image = load_image(s.image_path, self.blank_images)
         if self.augment is not None and self.augment.enabled and not self.blank_images:
-            from productvlm.training.augment import augment, sample_rng
+            from productvlm.training.augment import at_model_size, augment, sample_rng
 
+            image = at_model_size(image, self.num_crops, self.crop_size)
             image = augment(image, self.augment, sample_rng(self.seed, self.epoch, i))
         return {"input_ids": s.input_ids, "labels": s.labels, "image": image}
 

@@ -159,7 +159,10 @@ class Phi3VImageProcessor(BaseImageProcessor):
             _, height, width = hd.shape
             rows, cols = height // cs, width // cs
             out = pixel_values[i]
-            out[0] = F.interpolate(hd[None], size=(cs, cs), mode="bicubic", align_corners=False)[0]
+            if rows == cols == 1:  # bicubic to the same size is the identity, bit for bit (tested)
+                out[0].copy_(hd)
+            else:
+                out[0] = F.interpolate(hd[None], size=(cs, cs), mode="bicubic", align_corners=False)[0]
             tiles = hd.view(3, rows, cs, cols, cs).permute(1, 3, 0, 2, 4)
             out[1 : 1 + rows * cols].view(rows, cols, 3, cs, cs).copy_(tiles)
             out[1 + rows * cols :].zero_()
@@ -178,11 +181,17 @@ def _check_num_crops(num_crops) -> int:
     return int(num_crops)
 
 
-def _hd_image(rgb: PIL.Image.Image, num_crops: int, cs: int) -> torch.Tensor:
-    """Resize (PIL bilinear, on the wide orientation) and pad with white to whole crops.
+def hd_resize(rgb: PIL.Image.Image, num_crops: int, cs: int) -> PIL.Image.Image:
+    """The photo as the HD transform resizes it before padding: same pixels, same orientation.
 
-    Returns the padded image as float32 (3, H, W) holding the uint8 values 0..255.
-    """
+    Work done on this size instead of the original (training's augmentation) costs a fraction;
+    the processor's own resize of it is then (nearly always) to the same size, a copy."""
+    wide, _, transposed = _resize_wide(rgb, num_crops, cs)
+    return wide.transpose(PIL.Image.Transpose.TRANSPOSE) if transposed else wide
+
+
+def _resize_wide(rgb: PIL.Image.Image, num_crops: int, cs: int) -> tuple[PIL.Image.Image, int, bool]:
+    """(the photo resized with PIL bilinear on its wide orientation, crop rows, transposed?)."""
     width, height = size = rgb.size
     rows, cols = hd_grid(width, height, num_crops, cs)
     transposed = width < height
@@ -197,7 +206,17 @@ def _hd_image(rgb: PIL.Image.Image, num_crops: int, cs: int) -> torch.Tensor:
             f"image of {size[0]}x{size[1]} is too elongated for {num_crops} crops (it would be resized to "
             f"{new_w}x{new_h}); crop it or raise num_crops"
         )
-    resized = np.array(rgb.resize((new_w, new_h), PIL.Image.Resampling.BILINEAR))  # writable for torch
+    return rgb.resize((new_w, new_h), PIL.Image.Resampling.BILINEAR), rows, transposed
+
+
+def _hd_image(rgb: PIL.Image.Image, num_crops: int, cs: int) -> torch.Tensor:
+    """Resize (PIL bilinear, on the wide orientation) and pad with white to whole crops.
+
+    Returns the padded image as float32 (3, H, W) holding the uint8 values 0..255.
+    """
+    wide, rows, transposed = _resize_wide(rgb, num_crops, cs)
+    new_w, new_h = wide.size
+    resized = np.array(wide)  # writable for torch
     top = (rows * cs - new_h) // 2
     src = torch.from_numpy(resized).permute(2, 0, 1)  # (3, new_h, new_w) uint8 view
     if transposed:  # transpose back while copying: the padding is then a band of columns
@@ -287,4 +306,4 @@ def _type_error(image) -> TypeError:
     )
 
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "Phi3VImageProcessor"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "Phi3VImageProcessor", "hd_resize"]
