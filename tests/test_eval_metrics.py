@@ -144,3 +144,21 @@ def test_training_score_keeps_its_flat_keys():
     b = flat.baselines(rows, rows)
     assert b["majority_category_accuracy"] == 0.5
     assert b["mean_price_mape"] == pytest.approx((50 / 100 + 50 / 200) / 2)
+
+
+def test_macro_f1_interval_matches_sklearn_on_resamples_and_exposes_a_head_only_model():
+    """macro-F1's bootstrap statistic equals sklearn's macro-F1 (over the categories a resample holds) on
+    the full rows, its interval brackets the point, and a model that only says the head category gets an
+    interval far below its accuracy's (the long-tail reading)."""
+    from sklearn.metrics import f1_score
+
+    truths = ["A"] * 60 + ["B"] * 20 + ["C"] * 10 + ["D"] * 5 + ["E"] * 5
+    good = truths[:]
+    good[60:70] = ["A"] * 10  # half of B mistaken for the head
+    m = category_metrics(good, truths, ci=True)
+    expected = f1_score(truths, good, labels=sorted(set(truths)), average="macro", zero_division=0)
+    assert m["macro_f1"] == pytest.approx(expected)
+    low, high = m["macro_f1_ci95"]
+    assert low <= m["macro_f1"] <= high and high - low > 0.01
+    head = category_metrics(["A"] * len(truths), truths, ci=True)
+    assert head["accuracy_ci95"][0] > 0.45 and head["macro_f1_ci95"][1] < 0.2

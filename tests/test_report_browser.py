@@ -81,3 +81,23 @@ def test_report_renders_in_chromium(browser, eval_run, eval_catalog, tmp_path):
     with Image.open(shot) as im:
         assert im.width >= 1000
         assert len(im.convert("RGB").getcolors(1 << 20) or []) > 50  # plots drawn, not a blank page
+
+
+def test_price_plot_says_so_when_no_answer_has_a_price():
+    """An untrained model answers "Full Price: 0": the report still has the figure, saying why it is empty."""
+    import base64
+    import io
+
+    from productvlm.evaluation.report import error_histogram, price_scatter
+
+    zero = [
+        {"truth": {"price": 390.0}, "pred": {"price": 0.0}},
+        {"truth": {"price": 50.0}, "pred": {"price": None}},
+    ]
+    empty = Image.open(io.BytesIO(base64.b64decode(price_scatter(zero))))
+    real_answer = {"truth": {"price": 390.0}, "pred": {"price": 350.0}}
+    real = Image.open(
+        io.BytesIO(base64.b64decode(price_scatter([{"truth": {"price": 390.0}, "pred": {"price": 350.0}}])))
+    )
+    assert empty.size[0] > 100 and empty.size != real.size  # a picture, not the plot's axes
+    assert error_histogram(zero) and error_histogram(zero) != error_histogram([real_answer])

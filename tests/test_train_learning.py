@@ -51,18 +51,21 @@ def check_learning(tmp_path, rows: int, sets: list[str], min_accuracy: float):
 
 
 def test_tiny_model_learns_from_the_images(tmp_path):
-    """Half the demo's epochs (~70 s per run on 2 cores): learning shows, not yet converged."""
-    check_learning(tmp_path, rows=1000, sets=["train.epochs=8"], min_accuracy=0.25)
+    """8 epochs on 1,000 rows (~70 s per run on 2 cores): learning shows, not yet converged. Without
+    augmentation, which needs more epochs than a fast test has to pay off (README, Train)."""
+    check_learning(
+        tmp_path, rows=1000, sets=["train.epochs=8", "data.augment.enabled=false"], min_accuracy=0.25
+    )
 
 
 @pytest.mark.slow
 def test_tiny_demo_config_learns_from_the_images(tmp_path):
-    """configs/tiny-cpu.yaml as shipped, on the demo's catalog (2000 rows, 20 epochs, ~8 min): what
+    """configs/tiny-cpu.yaml as shipped, on the demo's catalog (2000 rows, 28 epochs, ~8 min): what
     `make demo` reports. The blank-image control is the fast test's job."""
     data_dir = tmp_path / "catalog"
     synthesize(data_dir, rows=2000, seed=0, overwrite=True, progress=False)
     base = baselines(read_split(data_dir, "train"), read_split(data_dir, "test"))
     images = learn(data_dir, tmp_path / "images")
     assert images["parse_rate"] >= 0.95
-    assert images["category_accuracy"] >= max(0.6, 5 * base["majority_category_accuracy"])
+    assert images["category_accuracy"] >= max(0.7, 5 * base["majority_category_accuracy"])
     assert images["price_mape"] < base["mean_price_mape"]

@@ -57,14 +57,22 @@ def _png(fig: Figure) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def price_scatter(preds: list[dict[str, Any]]) -> str | None:
+def _no_price(fig: Figure, ax, title: str) -> str:
+    """The figure of a price plot with nothing to plot (an untrained model answers "0"), saying why."""
+    ax.text(0.5, 0.5, "no answer has a price above 0", ha="center", va="center", color="#666")
+    ax.set_axis_off()
+    ax.set_title(title)
+    return _png(fig)
+
+
+def price_scatter(preds: list[dict[str, Any]]) -> str:
     pairs = [(p["truth"]["price"], p["pred"]["price"]) for p in preds if _positive(p["pred"]["price"])]
     pairs = [(t, q) for t, q in pairs if t > 0]
-    if not pairs:
-        return None
-    t, q = np.array(pairs).T
     fig = Figure(figsize=(5.5, 5))
     ax = fig.add_subplot()
+    if not pairs:
+        return _no_price(fig, ax, "Predicted vs true price")
+    t, q = np.array(pairs).T
     ax.scatter(t, q, s=14, alpha=0.6, color="#3366cc", edgecolors="none")
     lo, hi = min(t.min(), q.min()) * 0.8, max(t.max(), q.max()) * 1.25
     ax.plot([lo, hi], [lo, hi], color="#999", lw=1, ls="--", label="perfect")
@@ -84,16 +92,16 @@ def price_scatter(preds: list[dict[str, Any]]) -> str | None:
     return _png(fig)
 
 
-def error_histogram(preds: list[dict[str, Any]]) -> str | None:
+def error_histogram(preds: list[dict[str, Any]]) -> str:
     errs = [
         100 * (p["pred"]["price"] / p["truth"]["price"] - 1)
         for p in preds
         if _positive(p["pred"]["price"]) and p["truth"]["price"] > 0
     ]
-    if not errs:
-        return None
     fig = Figure(figsize=(5.5, 4))
     ax = fig.add_subplot()
+    if not errs:
+        return _no_price(fig, ax, "Price error")
     ax.hist(np.clip(errs, -100, 200), bins=40, color="#3366cc", alpha=0.8)
     ax.axvline(0, color="#333", lw=1)
     ax.set(xlabel="price error, % of true (clipped to -100..200)", ylabel="answers")
