@@ -26,16 +26,6 @@ def hd_grid(width: int, height: int, num_crops: int, crop_size: int = 336) -> tu
     return (cols, rows) if transposed else (rows, cols)
 
 
-def hd_size(width: int, height: int, num_crops: int, crop_size: int = 336) -> tuple[int, int]:
-    """(width, height) the HD transform resizes an image to before padding it to whole crops."""
-    rows, cols = hd_grid(width, height, num_crops, crop_size)
-    if width < height:  # worked on wide, with the official rounding
-        new_h = rows * crop_size
-        return int(new_h / (height / width)), new_h
-    new_w = cols * crop_size
-    return new_w, int(new_w / (width / height))
-
-
 def num_image_tokens(
     width: int, height: int, num_crops: int, crop_size: int = 336, tokens_per_side: int = 12
 ) -> int:
