@@ -94,10 +94,8 @@ def test_price_plot_says_so_when_no_answer_has_a_price():
         {"truth": {"price": 390.0}, "pred": {"price": 0.0}},
         {"truth": {"price": 50.0}, "pred": {"price": None}},
     ]
-    empty = Image.open(io.BytesIO(base64.b64decode(price_scatter(zero))))
     real_answer = {"truth": {"price": 390.0}, "pred": {"price": 350.0}}
-    real = Image.open(
-        io.BytesIO(base64.b64decode(price_scatter([{"truth": {"price": 390.0}, "pred": {"price": 350.0}}])))
-    )
+    empty = Image.open(io.BytesIO(base64.b64decode(price_scatter(zero))))
+    real = Image.open(io.BytesIO(base64.b64decode(price_scatter([real_answer]))))
     assert empty.size[0] > 100 and empty.size != real.size  # a picture, not the plot's axes
     assert error_histogram(zero) and error_histogram(zero) != error_histogram([real_answer])
