@@ -13,7 +13,6 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from productvlm.data.fetch import FetchOptions
 from productvlm.data.images import is_complete_jpeg
 from productvlm.data.importer import import_dataset
 from productvlm.errors import UserError
+from test_reliability_input import run_cli
 
 N_IMAGES = 32
 QUICK = FetchOptions(timeout=5, retries=1, backoff=0.01, concurrency=4)
@@ -53,15 +53,6 @@ def catalog(tmp_path, server) -> Path:
         w.writerow(["product_code", "title", "category3_code", "full_price", "imageurl"])
         w.writerows([i, f"Item {i}", "TOTE", 100 + i, server.url(f"/img/n{i}.jpg")] for i in range(N_IMAGES))
     return path
-
-
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    from productvlm.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["productvlm", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    return info.value.code, capsys.readouterr().err
 
 
 def nothing_half_written(out: Path) -> None:
