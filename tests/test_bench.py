@@ -94,10 +94,15 @@ def test_profile_bench_rows():
 
 
 def test_generate_bench_rows():
-    rows = bench_generate.run(prompts=4, batch_size=2, max_new_tokens=3, rows=ROWS, rounds=1)
+    rows = bench_generate.run(prompts=4, batch_size=2, max_new_tokens=3, rows=ROWS, rounds=1, threads=(2, 1))
     check_rows(rows)
-    assert rows[0]["ratio"] == pytest.approx(rows[0]["value"] / rows[0]["baseline_value"])
-    assert 0 <= rows[1]["value"] <= 100
+    assert [r["name"] for r in rows[:2]] == [
+        "generate: greedy, batch 2, 2 threads",
+        "generate: greedy, batch 2, 1 thread",
+    ]
+    for row in rows[:2]:
+        assert row["ratio"] == pytest.approx(row["value"] / row["baseline_value"])
+    assert 0 <= rows[2]["value"] <= 100 and len(rows) == 3
 
 
 def test_gpu_bench_without_cuda_is_one_skipped_row(monkeypatch):

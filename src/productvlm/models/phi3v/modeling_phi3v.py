@@ -93,13 +93,15 @@ class Phi3VImageEmbedding(nn.Module):
         """pixel_values (n_images, max_crops + 1, 3, c, c), image_sizes (n_images, 2) -> (tokens, hidden).
 
         Only the crops an image really has are encoded (not the all-zero padding crops), all
-        images' crops in one batch through the vision tower.
+        images' crops in one batch through the vision tower. An image of one crop is encoded once:
+        its global view is that crop (the HD image is one crop, resized to one crop: an identity), so
+        the tower's output serves as both, which halves its work at `num_crops` 1.
         """
         # The tower uses the decoder's attention implementation (set_attn_implementation changes it).
         self.vision_config._attn_implementation = self.config._attn_implementation or "sdpa"
         c = self.crop_size
         grids = [(int(h) // c, int(w) // c) for h, w in image_sizes.tolist()]
-        counts = [1 + h * w for h, w in grids]
+        counts = [1 if h * w == 1 else 1 + h * w for h, w in grids]
         crops = torch.cat([pixel_values[i, :n] for i, n in enumerate(counts)])
         crops = crops.to(next(self.img_projection.parameters()).dtype)  # also under peft's modules_to_save
         features = self.crop_features(crops).split(counts)
@@ -108,7 +110,7 @@ class Phi3VImageEmbedding(nn.Module):
         m = self.grid // 2
         for (h, w), feats in zip(grids, features):
             glb = self.with_newlines(feats[0])
-            tiles = feats[1:].reshape(h, w, m, m, -1).permute(0, 2, 1, 3, 4).reshape(h * m, w * m, -1)
+            tiles = feats[-h * w :].reshape(h, w, m, m, -1).permute(0, 2, 1, 3, 4).reshape(h * m, w * m, -1)
             tokens.append(torch.cat([self.with_newlines(tiles), self.glb_GN.reshape(1, -1), glb]))
         return self.img_projection(torch.cat(tokens))
 

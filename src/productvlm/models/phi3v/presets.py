@@ -236,10 +236,10 @@ PRESETS: dict[str, dict] = {
         num_crops=4,
     ),
 }
-# The tiny shape at 168 px crops, 6x6 = 36 tokens per crop (~1.8x the 112 px model's time per step),
-# for recipes that need finer detail to tell look-alike silhouettes apart. Measured on the demo
-# catalog with configs/tiny-cpu.yaml's augmentation, 20 epochs: 84.4% held-out category accuracy,
-# in 642 s of training (README, Train).
+# The tiny shape at 168 px crops, 6x6 = 36 tokens per crop (~1.6x the 112 px model's time per step),
+# for recipes that need finer detail. On the demo catalog with configs/tiny-cpu.yaml's augmentation,
+# 20 epochs (~470 s): 72.4-84.4% held-out category accuracy over four runs, no better than 112 px in
+# the same time (README, Train).
 PRESETS["tiny-168"] = {**PRESETS["tiny"], "vision": {**PRESETS["tiny"]["vision"], "image_size": 168}}
 
 
