@@ -60,7 +60,7 @@ def test_tiny_model_learns_from_the_images(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_demo_config_learns_from_the_images(tmp_path):
-    """configs/tiny-cpu.yaml as shipped, on the demo's catalog (2000 rows, 32 epochs, ~8 min): what
+    """configs/tiny-cpu.yaml as shipped, on the demo's catalog (2000 rows, 28 epochs, ~7 min): what
     `make demo` reports. The blank-image control is the fast test's job."""
     data_dir = tmp_path / "catalog"
     synthesize(data_dir, rows=2000, seed=0, overwrite=True, progress=False)
