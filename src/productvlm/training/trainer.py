@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -35,11 +34,6 @@ from productvlm.training.data import EpochLengthSampler
 from productvlm.training.evaluate import score
 from productvlm.training.model import extra_trainables, param_groups
 from productvlm.training.tracking import log_eval_samples
-
-STEP_DIR = re.compile(r"^step-(\d+)$")
-VISION_PREFIX = "model.vision_embed_tokens.img_processor"
-VISION_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-PROJECTOR = ("img_projection", "glb_GN", "sub_GN")
 
 
 class TrainingDiverged(UserError):
