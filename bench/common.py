@@ -79,6 +79,7 @@ def tiny_config(data_dir: Path, output_dir: Path, *overrides: str):
             "tracking.backend=none",
             "train.save_steps=1000000",
             "train.merge_final=false",
+            "train.vision_pretrain.epochs=0",  # the benches time the VLM step
             *overrides,
         ],
     )

@@ -37,6 +37,7 @@ def run(base: Path) -> Path:
             "train.log_steps=1",
             "eval.subset=8",
             "eval.steps=3",
+            "train.vision_pretrain.epochs=0",  # stage 1 has its own tests
         ],
     )
     return train(cfg, progress=False).run_dir

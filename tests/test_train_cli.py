@@ -36,6 +36,7 @@ def test_cli_trains_and_prints_the_run_folder(tmp_path):
         "train.max_steps=2",
         "eval.subset=2",
         "tracking.backend=none",
+        "train.vision_pretrain.epochs=2",
     ]
     args = ["train", "--config", str(CONFIGS / "tiny-cpu.yaml")] + [x for s in sets for x in ("--set", s)]
     result = CliRunner().invoke(app, args)

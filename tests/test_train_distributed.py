@@ -28,6 +28,7 @@ def sets(data_dir: Path, out: Path, batch_size: int) -> list[str]:
         "eval.subset=4",
         "eval.steps=6",
         "tracking.backend=none",
+        "train.vision_pretrain.epochs=2",  # stage 1 runs over the processes too
     ]
     return ["train", "--config", str(CONFIGS / "tiny-cpu.yaml"), *(x for i in items for x in ("--set", i))]
 
@@ -48,6 +49,8 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
 
     a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
     start = load_file(one / "base-model" / "model.safetensors")
+    towers = [load_file(run / "vision-pretrained" / "model.safetensors") for run in (one, two)]
+    assert max((towers[0][k] - towers[1][k]).abs().max().item() for k in start) < 1e-5  # stage 1 too
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3  # it did train

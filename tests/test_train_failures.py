@@ -85,6 +85,7 @@ def sets(data_dir, out) -> list[str]:
         "eval.subset=4",
         "eval.steps=10",
         "tracking.backend=none",
+        "train.vision_pretrain.epochs=0",  # the kills must land in the VLM run
     ]
     return [x for item in items for x in ("--set", item)]
 

@@ -52,20 +52,24 @@ def check_learning(tmp_path, rows: int, sets: list[str], min_accuracy: float):
 
 def test_tiny_model_learns_from_the_images(tmp_path):
     """8 epochs on 1,000 rows (~70 s per run on 2 cores): learning shows, not yet converged. Without
-    augmentation, which needs more epochs than a fast test has to pay off (README, Train)."""
+    augmentation, which needs more epochs than a fast test has to pay off (README, Train), and without
+    the tower's stage 1: the decoder's loss alone must reach the photos (stage 1: test_vision_pretrain)."""
     check_learning(
-        tmp_path, rows=1000, sets=["train.epochs=8", "data.augment.enabled=false"], min_accuracy=0.25
+        tmp_path,
+        rows=1000,
+        sets=["train.epochs=8", "data.augment.enabled=false", "train.vision_pretrain.epochs=0"],
+        min_accuracy=0.25,
     )
 
 
 @pytest.mark.slow
 def test_tiny_demo_config_learns_from_the_images(tmp_path):
-    """configs/tiny-cpu.yaml as shipped, on the demo's catalog (2000 rows, 28 epochs, ~7 min): what
-    `make demo` reports. The blank-image control is the fast test's job."""
+    """configs/tiny-cpu.yaml as shipped, on the demo's catalog (2000 rows, the tower's stage 1 and 20
+    epochs, ~7 min): what `make demo` reports. The blank-image control is the fast test's job."""
     data_dir = tmp_path / "catalog"
     synthesize(data_dir, rows=2000, seed=0, overwrite=True, progress=False)
     base = baselines(read_split(data_dir, "train"), read_split(data_dir, "test"))
     images = learn(data_dir, tmp_path / "images")
     assert images["parse_rate"] >= 0.95
-    assert images["category_accuracy"] >= max(0.7, 5 * base["majority_category_accuracy"])
+    assert images["category_accuracy"] >= max(0.85, 5 * base["majority_category_accuracy"])
     assert images["price_mape"] < base["mean_price_mape"]

@@ -57,6 +57,7 @@ def config(data_dir, out, *sets):
         "train.save_steps=4",
         "model.path=preset:tiny",  # 112 px: the shipped 168 px preset costs twice as much per step
         "train.num_workers=0",
+        "train.vision_pretrain.epochs=0",  # stage 1: test_vision_pretrain.py
     ]
     return load_config(CONFIGS / "tiny-cpu.yaml", [*base, *sets])
 

@@ -80,6 +80,16 @@ class LoraConfig(Section):
     )
 
 
+class VisionPretrainConfig(Section):
+    """Stage 1 for a preset's random vision tower: before the VLM trains, the tower alone learns to tell
+    the training photos' `label` values apart (mean-pooled features -> a linear head, cross-entropy,
+    data.augment on), as a real VLM's tower arrives pretrained. The head is then dropped."""
+
+    epochs: float = Field(0.0, ge=0, description="0: off")
+    label: str = Field("category3_code", min_length=1, description="the column whose values the tower learns")
+    lr: float = Field(1e-3, gt=0)
+
+
 class TrainConfig(Section):
     method: Literal["lora", "lora+projector", "frozen_vision", "full"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -112,6 +122,7 @@ class TrainConfig(Section):
     )
     merge_final: bool = False
     num_workers: int = Field(0, ge=0)
+    vision_pretrain: VisionPretrainConfig = Field(default_factory=VisionPretrainConfig)
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -160,6 +171,11 @@ class Config(Section):
             raise ValueError(
                 f"train.precision fp16 with model.dtype float16 trains fp16 weights ({self.train.method}): "
                 "use model.dtype float32 (mixed precision), or method lora"
+            )
+        if self.train.vision_pretrain.epochs and self.model.preset is None:
+            raise ValueError(
+                f"train.vision_pretrain.epochs is for a preset's random vision tower (model.path: preset:...); "
+                f"model.path {self.model.path} has a pretrained one: set train.vision_pretrain.epochs to 0"
             )
         if self.train.packing and self.train.pack_length < self.data.max_tokens_per_sample:
             raise ValueError(

@@ -1,8 +1,9 @@
 """`make demo`: the whole flow on a CPU, from nothing: data -> train -> eval -> report.
 
 1. Synthesize a sample catalog (2000 rows, seed 0) into demo/data (reused when already there).
-2. Fully fine-tune the tiny preset with configs/tiny-cpu.yaml into demo/run (a finished run with the
-   same config is reused, an interrupted one resumed, one with another config replaced).
+2. Train the tiny preset with configs/tiny-cpu.yaml into demo/run: its random vision tower alone first
+   (train.vision_pretrain), then the whole model (a finished run with the same config is reused, an
+   interrupted one resumed, one with another config replaced).
 3. Evaluate on the test split (constrained decoding off: the parse rate is part of what is measured),
    write demo/eval/{metrics.json,predictions.jsonl,report.html}, print model vs baselines.
 """

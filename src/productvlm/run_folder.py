@@ -3,6 +3,7 @@
 RUN/
   config.yaml            the resolved config, as run
   base-model/            only for `model.path: preset:...` (the random preset the run starts from)
+  vision-pretrained/     only with train.vision_pretrain: base-model with its tower trained (stage 1)
   checkpoints/step-N/    Trainer checkpoints, each renamed into place when complete
   final/                 the model (official layout or a peft adapter), with its prompt settings
   final/adapter/         the adapter too, when a LoRA run also saved merged weights
@@ -15,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 CONFIG, BASE_MODEL, CHECKPOINTS, FINAL = "config.yaml", "base-model", "checkpoints", "final"
+VISION_PRETRAINED = "vision-pretrained"
 LOG, SAMPLES = "train_log.jsonl", "eval_samples.jsonl"
 
 
@@ -27,4 +29,4 @@ def find_run(path: str | Path) -> Path | None:
     return None
 
 
-__all__ = ["find_run", "CONFIG", "BASE_MODEL", "CHECKPOINTS", "FINAL", "LOG", "SAMPLES"]
+__all__ = ["find_run", "CONFIG", "BASE_MODEL", "VISION_PRETRAINED", "CHECKPOINTS", "FINAL", "LOG", "SAMPLES"]

@@ -14,7 +14,8 @@ from transformers import TrainerCallback
 
 
 class RichProgress(TrainerCallback):
-    def __init__(self):
+    def __init__(self, label: str = "train"):
+        self.label = label
         self.progress: Progress | None = None
         self.task = None
 
@@ -22,7 +23,7 @@ class RichProgress(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self.progress = Progress(
-            TextColumn("[bold]train"),
+            TextColumn(f"[bold]{self.label}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
@@ -31,7 +32,7 @@ class RichProgress(TrainerCallback):
         )
         self.progress.start()
         self.task = self.progress.add_task(
-            "train", total=state.max_steps, completed=state.global_step, info=""
+            self.label, total=state.max_steps, completed=state.global_step, info=""
         )
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -146,8 +146,14 @@ def train(
             found = complete_checkpoints(run / CHECKPOINTS) if resume else []
             checkpoint = found[-1] if found else None
         report_to = setup_tracking(cfg.tracking, run)
+        base = model_dir(cfg, run)
+    if cfg.train.vision_pretrain.epochs:
+        from productvlm.training.vision_pretrain import pretrain_vision
+
+        base = pretrain_vision(cfg, run, base, training_args(cfg, run, [], eval_on=False), progress)
+    with state.main_process_first():
         set_seed(cfg.train.seed)
-        model, processor = load_model(cfg, model_dir(cfg, run))
+        model, processor = load_model(cfg, base)
     use_cache = model.config.use_cache  # Trainer turns it off for training; the final model gets it back
     encoder = make_encoder(cfg, processor)
     train_rows = rows_of(cfg, "train")[: cfg.data.max_train_rows]
@@ -165,8 +171,9 @@ def train(
             truncate_log(run / LOG, step)
             truncate_log(run / SAMPLES, step)
         else:
+            line = {"step": 0, **{f"data/{k}": v for k, v in data.items()}, **stage_one(base)}
             with open(run / LOG, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": 0, **{f"data/{k}": v for k, v in data.items()}}) + "\n")
+                f.write(json.dumps(line) + "\n")
     bar = RichProgress() if progress else None
     trainer = RunTrainer(
         model=model,
@@ -206,6 +213,17 @@ def train(
         checkpoint,
         data,
     )
+
+
+def stage_one(base: str) -> dict[str, float]:
+    """The tower's stage-1 figures (`vision_pretrain/validation_accuracy`, ...) when the run starts from one."""
+    from productvlm.training.vision_pretrain import RESULT
+
+    result = Path(base) / RESULT
+    if not result.is_file():
+        return {}
+    figures = json.loads(result.read_text(encoding="utf-8"))
+    return {f"vision_pretrain/{k}": v for k, v in figures.items() if isinstance(v, (int, float))}
 
 
 def load_best(trainer: RunTrainer, cfg: Config, run: Path, main: bool) -> dict[str, float] | None:

@@ -4,6 +4,7 @@ evaluation by generation and best-checkpoint selection. It writes into the run f
 RUN/
   config.yaml            the resolved config
   base-model/            only for `model.path: preset:...` (the random preset the run starts from)
+  vision-pretrained/     only with train.vision_pretrain: base-model with its tower trained (stage 1)
   checkpoints/step-N/    Trainer checkpoints, each renamed into place when complete
   final/                 the model in the official layout with the processor files (see save_final)
   train_log.jsonl        one JSON object per log/eval event: step, loss, lr, eval_* metrics
@@ -40,7 +41,17 @@ class TrainingDiverged(UserError):
     """The loss or the weights became NaN/inf; nothing from that step on was saved."""
 
 
-class RunTrainer(Trainer):
+class EpochTrainer(Trainer):
+    """Trainer that tells its dataset the epoch, for the augmentation's (seed, epoch, sample) draws."""
+
+    def _run_epoch(self, **kwargs):
+        # the workers start (copying the dataset) when the epoch's iteration does
+        if hasattr(self.train_dataset, "set_epoch"):
+            self.train_dataset.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(**kwargs)
+
+
+class RunTrainer(EpochTrainer):
     """Trainer with length grouping from precomputed lengths, atomic checkpoints and eval by generation."""
 
     def __init__(self, *args, run_cfg: Config, eval_rows: list[dict[str, Any]], **kwargs):
@@ -69,9 +80,6 @@ class RunTrainer(Trainer):
         # accelerate's skip_first_batches wrapper (used on resume) does not forward set_epoch
         if self._sampler is not None:
             self._sampler.set_epoch(kwargs["epoch"])
-        # the augmentation's draws: workers start (copying the dataset) when the epoch's iteration does
-        if hasattr(self.train_dataset, "set_epoch"):
-            self.train_dataset.set_epoch(kwargs["epoch"])
         return super()._run_epoch(**kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:

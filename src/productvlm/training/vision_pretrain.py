@@ -1,0 +1,236 @@
+"""Stage 1 for a preset's random vision tower (`train.vision_pretrain`): the tower learns the photos first.
+
+A real VLM's CLIP tower arrives pretrained; a preset's is random, and trained only through the
+decoder's language-model loss it learns slowly (the demo catalog: 75-81% held-out category accuracy
+after 28-34 epochs, README). Here the tower alone first learns to tell the training photos' `label`
+values apart: its 2x2-merged patch features, mean-pooled, feed a linear head trained with
+cross-entropy on augmented photos, with transformers' Trainer and the run's batch size, warmup,
+weight decay, precision and workers. The head is then dropped; the model with the trained tower is
+written once to RUN/vision-pretrained/ and the VLM run starts from it. Only training rows are used;
+the validation rows measure the tower (`vision_pretrain.json`). An interrupted stage 1 starts over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import PrinterCallback, TrainingArguments, set_seed
+
+from productvlm.config import Config
+from productvlm.errors import UserError
+from productvlm.inference.inputs import load_image, photo_tensors
+from productvlm.prompting.templates import sample_name
+from productvlm.run_folder import VISION_PRETRAINED
+from productvlm.training.data import kept_photos, rows_of, training_photo
+from productvlm.training.model import load_model
+from productvlm.training.progress import RichProgress
+from productvlm.training.trainer import EpochTrainer
+
+RESULT = "vision_pretrain.json"
+
+
+class TowerClassifier(nn.Module):
+    """The tower's 2x2-merged patch features, mean-pooled, into a linear head over the label's values."""
+
+    def __init__(self, embedding: nn.Module, n_classes: int):
+        super().__init__()
+        self.embedding = embedding
+        embedding.requires_grad_(False)
+        embedding.img_processor.requires_grad_(True)  # the projector is not trained here
+        self.head = nn.Linear(4 * embedding.image_dim_out, n_classes)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
+        logits = self.head(self.embedding.crop_features(pixel_values).mean((1, 2)))
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}
+
+
+class LabelledPhotos(Dataset):
+    """(photo, class index) per row, augmented per (seed, epoch, row) like the VLM's training photos."""
+
+    def __init__(
+        self,
+        rows,
+        targets: list[int],
+        augment,
+        seed: int,
+        num_crops: int,
+        crop_size: int,
+        blank: bool = False,
+    ):
+        self.paths, self.targets, self.blank = [r["image_path"] for r in rows], targets, blank
+        self.augment, self.seed, self.epoch = augment, seed, 0
+        self.num_crops, self.crop_size = num_crops, crop_size
+        self.photos = kept_photos(self.paths, augment, blank, num_crops, crop_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image": training_photo(self.paths[i], self, i, self.blank), "labels": self.targets[i]}
+
+
+class GlobalViews:
+    """Photos -> the processor's global view of each (the whole photo at crop size), plus labels."""
+
+    def __init__(self, processor, num_crops: int):
+        self.processor, self.num_crops = processor, num_crops
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pixels = photo_tensors(self.processor, [f["image"] for f in features], self.num_crops)["pixel_values"]
+        return {"pixel_values": pixels[:, 0], "labels": torch.tensor([f["labels"] for f in features])}
+
+
+def label_values(rows: list[dict[str, Any]], label: str, data_dir: Path) -> list[str]:
+    """The label's values in the training rows, sorted; UserError when a row lacks it or there is one value."""
+    for row in rows:
+        if label not in row:
+            raise UserError(
+                f"train.vision_pretrain.label {label!r}: row {sample_name(row)} of {data_dir}/train has no "
+                f"such column; columns: {', '.join(sorted(row))}"
+            )
+    values = sorted({str(r[label]) for r in rows})
+    if len(values) < 2:
+        raise UserError(
+            f"train.vision_pretrain.label {label!r}: the train split of {data_dir} has one value "
+            f"({values[0]!r}); the tower needs at least two to tell apart"
+        )
+    return values
+
+
+@torch.no_grad()
+def accuracy(
+    model: TowerClassifier, collate: GlobalViews, rows, targets: list[int], batch: int = 64
+) -> float:
+    """Share of `rows` whose photo (not augmented) the head classifies as its target."""
+    model.eval()
+    right = 0
+    for i in range(0, len(rows), batch):
+        chunk = [
+            {"image": load_image(r["image_path"]), "labels": t}
+            for r, t in zip(rows[i : i + batch], targets[i:])
+        ]
+        inputs = collate(chunk)
+        right += int((model(inputs["pixel_values"])["logits"].argmax(-1) == inputs["labels"]).sum())
+    return right / len(rows)
+
+
+def pretrain_vision(cfg: Config, run: Path, base: str, args: TrainingArguments, progress: bool = True) -> str:
+    """RUN/vision-pretrained, made once from the model in `base`; `args` are the run's Trainer arguments.
+    Every process calls it (the Trainer spreads stage 1 over them); the main one writes the folder."""
+    out = run / VISION_PRETRAINED
+    if (out / RESULT).is_file():
+        return str(out)
+    t0, v, t = time.perf_counter(), cfg.train.vision_pretrain, cfg.train
+    model, processor = load_model(cfg, base)
+    rows = rows_of(cfg, "train")[: cfg.data.max_train_rows]
+    classes = label_values(rows, v.label, cfg.data.dir)
+    index = {c: i for i, c in enumerate(classes)}
+    crop_size = processor.image_processor.crop_size
+    photos = LabelledPhotos(
+        rows,
+        [index[str(r[v.label])] for r in rows],
+        cfg.data.augment,
+        t.seed,
+        cfg.data.num_crops,
+        crop_size,
+        cfg.data.blank_images,  # the no-image control learns nothing here either
+    )
+    set_seed(t.seed)
+    classifier = TowerClassifier(model.model.vision_embed_tokens, len(classes))
+    scratch = run / ".vision-pretrain"
+    args = dataclasses.replace(
+        args,
+        output_dir=str(scratch),
+        learning_rate=v.lr,
+        num_train_epochs=v.epochs,
+        max_steps=-1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        activation_checkpointing=False,
+    )
+    bar = RichProgress("vision pretrain") if progress else None
+    trainer = EpochTrainer(
+        model=classifier,
+        args=args,
+        train_dataset=photos,
+        data_collator=GlobalViews(processor, cfg.data.num_crops),
+    )
+    if bar:
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(bar)
+    try:
+        output = trainer.train()
+    finally:
+        if bar:
+            bar.close()
+    state = PartialState()
+    if state.is_main_process:
+        result = {
+            "label": v.label,
+            "classes": len(classes),
+            "epochs": v.epochs,
+            "steps": output.global_step,
+            "train_loss": output.training_loss,
+            "seconds": round(time.perf_counter() - t0, 1),
+            **validation_accuracy(cfg, classifier, processor, classes),
+        }
+        tmp = run / f".{VISION_PRETRAINED}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / RESULT).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        shutil.rmtree(out, ignore_errors=True)  # a folder without its RESULT is not a finished stage 1
+        tmp.rename(out)
+        shutil.rmtree(scratch, ignore_errors=True)
+        print(describe(result), flush=True)
+    state.wait_for_everyone()
+    return str(out)
+
+
+def validation_accuracy(
+    cfg: Config, classifier: TowerClassifier, processor, classes: list[str]
+) -> dict[str, Any]:
+    """The head's accuracy on the validation rows whose label it knows, beside always guessing the
+    most common training value (empty when there are no such rows)."""
+    v = cfg.train.vision_pretrain
+    index = {c: i for i, c in enumerate(classes)}
+    rows = [r for r in rows_of(cfg, "validation") if str(r.get(v.label)) in index]
+    if not rows:
+        return {}
+    targets = [index[str(r[v.label])] for r in rows]
+    common = Counter(str(r[v.label]) for r in rows_of(cfg, "train")).most_common(1)[0][0]
+    return {
+        "validation_rows": len(rows),
+        "validation_accuracy": accuracy(
+            classifier, GlobalViews(processor, cfg.data.num_crops), rows, targets
+        ),
+        "validation_majority": sum(str(r[v.label]) == common for r in rows) / len(rows),
+    }
+
+
+def describe(result: dict[str, Any]) -> str:
+    line = f"vision pretrain: {result['epochs']:g} epochs, {result['steps']} steps, {result['seconds']:.0f}s"
+    if "validation_accuracy" in result:
+        line += (
+            f"; the tower tells {result['label']} apart on {result['validation_rows']} validation photos: "
+            f"{result['validation_accuracy']:.3f} (majority {result['validation_majority']:.3f})"
+        )
+    return line
+
+
+__all__ = ["pretrain_vision", "TowerClassifier", "RESULT"]
