@@ -13,6 +13,7 @@ import io
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -152,13 +153,16 @@ def test_injected_full_disk_while_storing_images(tmp_path, catalog, monkeypatch)
 
 def test_output_folder_removed_mid_run(tmp_path, catalog, monkeypatch):
     out = tmp_path / "ds"
-    real_store, calls = importer._store, []
+    real_store, calls, one_at_a_time = importer._store, [], threading.Lock()
 
     def store_after_rmtree(data, target, limits):
-        calls.append(target)
-        if len(calls) == 3:
-            shutil.rmtree(out)  # another process cleans up under us
-        real_store(data, target, limits)
+        # stores run in a thread pool: serialised here, so that the removal never races another
+        # thread's write into the folder (ENOTEMPTY from rmtree: seen once in CI)
+        with one_at_a_time:
+            calls.append(target)
+            if len(calls) == 3:
+                shutil.rmtree(out)  # another process cleans up under us
+            real_store(data, target, limits)
 
     monkeypatch.setattr(importer, "_store", store_after_rmtree)
     with pytest.raises(UserError) as info:
