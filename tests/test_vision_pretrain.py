@@ -133,27 +133,27 @@ def test_a_label_column_that_cannot_teach_is_refused_naming_it(data_dir, tmp_pat
         train(cfg, progress=False)
 
 
-def test_kept_photos_are_augmented_exactly_as_photos_read_from_disk(data_dir):
+def test_kept_photos_are_augmented_exactly_as_photos_read_from_disk(data_dir, monkeypatch):
     """Training keeps the photos decoded at model size; each epoch's draw equals what decoding the
     photo from disk gives for the same (seed, epoch, index)."""
-    from types import SimpleNamespace
-
     from productvlm.data.folder import read_split
-    from productvlm.training.data import training_photo
+    from productvlm.training import data
+    from productvlm.training.data import TrainingPhotos
     from productvlm.training.vision_pretrain import LabelledPhotos
 
     cfg = config(data_dir, data_dir / "unused")
-    rows = read_split(data_dir, "train")[:6]
-    photos = LabelledPhotos(rows, [0] * len(rows), cfg.data.augment, 3, 1, 112)
-    assert photos.photos is not None and len(photos.photos) == 6
+    paths = [r["image_path"] for r in read_split(data_dir, "train")[:6]]
+    photos = LabelledPhotos(TrainingPhotos(paths, cfg.data.augment, 3, 1, 112, False), [0] * 6)
+    assert photos.photos.kept is not None and len(photos.photos.kept) == 6
+    monkeypatch.setattr(data, "KEEP_PHOTOS_BYTES", 0)  # too big to keep: decoded per photo
+    from_disk = TrainingPhotos(paths, cfg.data.augment, 3, 1, 112, False)
+    assert from_disk.kept is None
     for epoch in (0, 5):
         photos.set_epoch(epoch)
-        from_disk = SimpleNamespace(
-            augment=cfg.data.augment, seed=3, epoch=epoch, num_crops=1, crop_size=112, photos=None
-        )
-        for i, row in enumerate(rows):
-            assert photos[i]["image"].tobytes() == training_photo(row["image_path"], from_disk, i).tobytes()
+        from_disk.epoch = epoch
+        for i in range(6):
+            assert photos[i]["image"].tobytes() == from_disk[i].tobytes()
     before = photos[0]["image"].tobytes()
     photos.set_epoch(6)
     assert photos[0]["image"].tobytes() != before  # a new draw each epoch
-    assert LabelledPhotos(rows, [0] * 6, cfg.data.augment, 3, 1, 112, blank=True).photos is None
+    assert TrainingPhotos(paths, cfg.data.augment, 3, 1, 112, blank=True).kept is None

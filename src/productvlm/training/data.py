@@ -88,15 +88,18 @@ class CatalogDataset(Dataset):
     ):
         self.rows = rows
         self.samples = [encoder(row) for row in rows]
-        self.num_crops, self.crop_size = encoder.num_crops, encoder.processor.image_processor.crop_size
-        self.blank_images = blank_images
-        self.augment, self.seed, self.epoch = augment, seed, 0  # augment: a data.augment config or None
-        paths = [s.image_path for s in self.samples]
-        self.photos = kept_photos(paths, augment, blank_images, self.num_crops, self.crop_size)
+        self.photos = TrainingPhotos(
+            [s.image_path for s in self.samples],
+            augment,
+            seed,
+            encoder.num_crops,
+            encoder.processor.image_processor.crop_size,
+            blank_images,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Augmentation draws depend on (seed, epoch, index); set before each epoch's DataLoader starts."""
-        self.epoch = epoch
+        self.photos.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -107,37 +110,41 @@ class CatalogDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         s = self.samples[i]
-        image = training_photo(s.image_path, self, i, self.blank_images)
-        return {"input_ids": s.input_ids, "labels": s.labels, "image": image}
-
-
-def training_photo(path: str, ds, index: int, blank: bool = False):
-    """Sample `index`'s photo as `ds` (a dataset with augment, seed, epoch, num_crops, crop_size and
-    `photos` from `kept_photos`) feeds it to training this epoch: augmented when ds.augment is
-    enabled, otherwise as on disk."""
-    if ds.photos is None:
-        image = load_image(path, blank)
-        if ds.augment is None or not ds.augment.enabled or blank:
-            return image
-        image = at_model_size(image, ds.num_crops, ds.crop_size)
-    else:
-        image = ds.photos[index]
-    return augment(image, ds.augment, sample_rng(ds.seed, ds.epoch, index))
+        return {"input_ids": s.input_ids, "labels": s.labels, "image": self.photos[i]}
 
 
 KEEP_PHOTOS_BYTES = 1 << 30
 
 
-def kept_photos(paths: Sequence[str], augment_cfg, blank: bool, num_crops: int, crop_size: int):
-    """The photos decoded and resized to the model's size once, for the augmentation to warp every
-    epoch: decoding and resizing cost ~2 ms a photo, as much as a preset's whole tower step per photo.
-    None when not augmenting, or when they could take over 1 GiB (a real model's 336 px crops: then
-    each step decodes its own)."""
-    if augment_cfg is None or not augment_cfg.enabled or blank:
-        return None
-    if len(paths) * num_crops * crop_size**2 * 3 > KEEP_PHOTOS_BYTES:
-        return None
-    return [at_model_size(load_image(p), num_crops, crop_size) for p in paths]
+class TrainingPhotos:
+    """The photos a training dataset feeds, by index: as on disk (or blank), or with `augment`
+    (a data.augment config or None) enabled warped per (seed, epoch, index), so that every DataLoader
+    worker and a `--resume` draw the same. When augmenting, the photos are decoded and resized to the
+    model's size once and kept (`kept`) if they cannot take over 1 GiB: decoding and resizing cost
+    ~2 ms a photo, as much as a preset's whole tower step per photo; a real model's 336 px multi-crop
+    photos are decoded per step instead."""
+
+    def __init__(
+        self, paths: Sequence[str], augment_cfg, seed: int, num_crops: int, crop_size: int, blank: bool
+    ):
+        self.paths, self.augment, self.seed, self.epoch = list(paths), augment_cfg, seed, 0
+        self.num_crops, self.crop_size, self.blank = num_crops, crop_size, blank
+        self.augmenting = augment_cfg is not None and augment_cfg.enabled and not blank
+        self.kept = None
+        if self.augmenting and len(self.paths) * num_crops * crop_size**2 * 3 <= KEEP_PHOTOS_BYTES:
+            self.kept = [self.at_model_size(i) for i in range(len(self.paths))]
+
+    def at_model_size(self, index: int):
+        return at_model_size(load_image(self.paths[index]), self.num_crops, self.crop_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        if not self.augmenting:
+            return load_image(self.paths[index], self.blank)
+        image = self.kept[index] if self.kept is not None else self.at_model_size(index)
+        return augment(image, self.augment, sample_rng(self.seed, self.epoch, index))
 
 
 class Collator:

@@ -31,7 +31,7 @@ from productvlm.errors import UserError
 from productvlm.inference.inputs import load_image, photo_tensors
 from productvlm.prompting.templates import sample_name
 from productvlm.run_folder import VISION_PRETRAINED
-from productvlm.training.data import kept_photos, rows_of, training_photo
+from productvlm.training.data import TrainingPhotos, rows_of
 from productvlm.training.model import load_model
 from productvlm.training.progress import RichProgress
 from productvlm.training.trainer import EpochTrainer
@@ -56,31 +56,19 @@ class TowerClassifier(nn.Module):
 
 
 class LabelledPhotos(Dataset):
-    """(photo, class index) per row, augmented per (seed, epoch, row) like the VLM's training photos."""
+    """(photo, class index) per row, the photos as the VLM run's training feeds them (`TrainingPhotos`)."""
 
-    def __init__(
-        self,
-        rows,
-        targets: list[int],
-        augment,
-        seed: int,
-        num_crops: int,
-        crop_size: int,
-        blank: bool = False,
-    ):
-        self.paths, self.targets, self.blank = [r["image_path"] for r in rows], targets, blank
-        self.augment, self.seed, self.epoch = augment, seed, 0
-        self.num_crops, self.crop_size = num_crops, crop_size
-        self.photos = kept_photos(self.paths, augment, blank, num_crops, crop_size)
+    def __init__(self, photos: TrainingPhotos, targets: list[int]):
+        self.photos, self.targets = photos, targets
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.photos.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.targets)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"image": training_photo(self.paths[i], self, i, self.blank), "labels": self.targets[i]}
+        return {"image": self.photos[i], "labels": self.targets[i]}
 
 
 class GlobalViews:
@@ -141,13 +129,15 @@ def pretrain_vision(cfg: Config, run: Path, base: str, args: TrainingArguments, 
     index = {c: i for i, c in enumerate(classes)}
     crop_size = processor.image_processor.crop_size
     photos = LabelledPhotos(
-        rows,
+        TrainingPhotos(
+            [r["image_path"] for r in rows],
+            cfg.data.augment,
+            t.seed,
+            cfg.data.num_crops,
+            crop_size,
+            cfg.data.blank_images,  # the no-image control learns nothing here either
+        ),
         [index[str(r[v.label])] for r in rows],
-        cfg.data.augment,
-        t.seed,
-        cfg.data.num_crops,
-        crop_size,
-        cfg.data.blank_images,  # the no-image control learns nothing here either
     )
     set_seed(t.seed)
     classifier = TowerClassifier(model.model.vision_embed_tokens, len(classes))
@@ -187,7 +177,7 @@ def pretrain_vision(cfg: Config, run: Path, base: str, args: TrainingArguments, 
             "steps": output.global_step,
             "train_loss": output.training_loss,
             "seconds": round(time.perf_counter() - t0, 1),
-            **validation_accuracy(cfg, classifier, processor, classes),
+            **validation_accuracy(cfg, classifier, processor, index, rows),
         }
         tmp = run / f".{VISION_PRETRAINED}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -203,23 +193,22 @@ def pretrain_vision(cfg: Config, run: Path, base: str, args: TrainingArguments, 
 
 
 def validation_accuracy(
-    cfg: Config, classifier: TowerClassifier, processor, classes: list[str]
+    cfg: Config, classifier: TowerClassifier, processor, index: dict[str, int], train_rows
 ) -> dict[str, Any]:
-    """The head's accuracy on the validation rows whose label it knows, beside always guessing the
-    most common training value (empty when there are no such rows)."""
-    v = cfg.train.vision_pretrain
-    index = {c: i for i, c in enumerate(classes)}
-    rows = [r for r in rows_of(cfg, "validation") if str(r.get(v.label)) in index]
+    """The head's accuracy on the validation rows whose label it knows (`index`: value -> class), beside
+    always guessing the most common value of `train_rows` (empty when there are no such rows)."""
+    label = cfg.train.vision_pretrain.label
+    rows = [r for r in rows_of(cfg, "validation") if str(r.get(label)) in index]
     if not rows:
         return {}
-    targets = [index[str(r[v.label])] for r in rows]
-    common = Counter(str(r[v.label]) for r in rows_of(cfg, "train")).most_common(1)[0][0]
+    targets = [index[str(r[label])] for r in rows]
+    common = Counter(str(r[label]) for r in train_rows).most_common(1)[0][0]
     return {
         "validation_rows": len(rows),
         "validation_accuracy": accuracy(
             classifier, GlobalViews(processor, cfg.data.num_crops), rows, targets
         ),
-        "validation_majority": sum(str(r[v.label]) == common for r in rows) / len(rows),
+        "validation_majority": sum(str(r[label]) == common for r in rows) / len(rows),
     }
 
 
