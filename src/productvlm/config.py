@@ -91,7 +91,7 @@ class VisionPretrainConfig(Section):
 
 
 class TrainConfig(Section):
-    method: Literal["lora", "lora+projector", "frozen_vision", "full"] = "lora"
+    method: Literal["lora", "lora+projector", "frozen_vision", "full", "qlora"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     lr: float = Field(
         2e-4, gt=0, description="the decoder's learning rate (and every part's without its own)"
@@ -119,6 +119,12 @@ class TrainConfig(Section):
     gradient_checkpointing: Literal["auto"] | bool = Field(
         "auto",
         description="auto: on only on CUDA when the weights and optimizer state fill 40% of the memory",
+    )
+    optim: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "auto", description="auto: adamw_torch_fused on CUDA, adamw_torch elsewhere"
+    )
+    trainer_args: dict[str, Any] = Field(
+        default_factory=dict, description="extra transformers.TrainingArguments fields, passed as they are"
     )
     merge_final: bool = False
     num_workers: int = Field(0, ge=0)
