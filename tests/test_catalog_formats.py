@@ -168,10 +168,10 @@ def test_unusable_prices_have_a_reason(cell, reason):
 
 
 def test_answer_parser_reads_prices_with_the_same_reader():
-    from productvlm.prompting.parse import parse_price
+    from productvlm.prices import find_price
 
     for cell in ("$1,290.00", "1.290,00 €", "1 290,50 kr", "570,000"):
-        assert parse_price(f"Full Price: {cell}") == read_price(cell).value
+        assert find_price(f"Full Price: {cell}") == read_price(cell).value
 
 
 # ---------------------------------------------------------------- image values

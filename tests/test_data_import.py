@@ -158,7 +158,7 @@ def test_failures_are_reported_with_reasons(tmp_path, source_dir, server):
     cases = [  # (changes to the row, expected reason or None for success)
         ({"imageurl": server.url("/img/nope.jpg")}, "http 404"),
         ({"imageurl": server.url(f"/stall/{name(1)}")}, "timeout"),
-        ({"imageurl": server.url(f"/text/{name(2)}")}, "not an image"),
+        ({"imageurl": server.url(f"/text/{name(2)}")}, "not a supported image"),
         ({"imageurl": server.url(f"/trunc/{name(3)}")}, "truncated image"),
         ({"imageurl": server.url(f"/flaky/{name(4)}")}, None),
         ({"imageurl": server.url(f"/busy/{name(5)}")}, None),

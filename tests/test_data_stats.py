@@ -12,7 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from productvlm.data import folder
-from productvlm.data.stats import compute_stats, write_html
+from productvlm.data.stats import compute_stats
+from productvlm.data.stats_page import write_html
 from productvlm.data.synth import synthesize
 from productvlm.models.phi3v.image_tokens import num_image_tokens
 

@@ -25,8 +25,8 @@ from productvlm.data.rows import parse_mapping
 from productvlm.data.source import load_table
 from productvlm.errors import UserError
 from productvlm.models.phi3v.processing_phi3v import check_placeholders
-from productvlm.prices import PriceError, read_price
-from productvlm.prompting.parse import parse_answer, parse_price
+from productvlm.prices import PriceError, find_price, read_price
+from productvlm.prompting.parse import parse_answer
 
 # At least 150 examples per test; the profile (tests/conftest.py) decides derandomized or random, and
 # `make fuzz` raises the count.
@@ -58,7 +58,7 @@ def test_parser_fields_are_clean_or_none(text):
 @given(numbers)
 @example("9" * 400)
 def test_parsed_price_is_finite(text):
-    for price in (parse_price(text), parse_answer(f"Full Price: {text}").price):
+    for price in (find_price(text), parse_answer(f"Full Price: {text}").price):
         assert price is None or math.isfinite(price)
 
 

@@ -116,13 +116,17 @@ def hostile() -> dict[str, bytes]:
             cases[f"{name}-{size_name}"] = build(w, h)
     for fmt in ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"):
         data = _real(fmt)
-        for cut in (1, 8, 16, len(data) // 2, len(data) - 1):
-            cases[f"{fmt.lower()}-truncated-{cut}"] = data[:cut]
+        cuts = {"1": 1, "8": 8, "16": 16, "half": len(data) // 2, "last-byte": len(data) - 1}
+        for cut_name, cut in cuts.items():
+            cases[f"{fmt.lower()}-truncated-{cut_name}"] = data[:cut]
     cases["empty"] = b""
     return cases
 
 
 CASES = hostile()
+# The only truncated files that still decode whole: a GIF without its trailer byte and a PNG without the
+# last byte of IEND's CRC (Pillow stops before either). A JPEG, BMP, TIFF or WebP cut anywhere is refused.
+TRUNCATED_THAT_DECODE = {"gif-truncated-last-byte", "png-truncated-last-byte"}
 
 
 @pytest.mark.filterwarnings("ignore")  # Pillow warns about the bombs and corrupt data it meets
@@ -133,10 +137,23 @@ def test_hostile_bytes_get_a_reason_not_an_exception(name):
     except BadImage as e:
         assert str(e)  # the reason written to failures.csv
         return
-    # Only a file cut in its last bytes (GIF trailer, PNG's IEND CRC) may still decode whole.
-    assert "-truncated-" in name and len(CASES[name]) > 100, name
+    assert name in TRUNCATED_THAT_DECODE, name
     with Image.open(io.BytesIO(out)) as im:
         assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (64, 48))
+
+
+@pytest.mark.parametrize("name", sorted(TRUNCATED_THAT_DECODE))
+def test_the_truncated_files_that_decode_are_still_those(name):
+    """If Pillow starts refusing these, TRUNCATED_THAT_DECODE is stale: shrink it."""
+    assert to_dataset_jpeg(CASES[name], ImageLimits(min_side=8))
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("fmt", ["jpeg", "bmp", "tiff"])
+def test_cut_in_the_pixels_says_truncated(fmt):
+    for cut in ("half", "last-byte"):
+        with pytest.raises(BadImage, match="^truncated image$"):
+            to_dataset_jpeg(CASES[f"{fmt}-truncated-{cut}"], ImageLimits(min_side=8))
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -188,9 +205,9 @@ def test_cases_declare_what_they_say():
 
 @pytest.mark.filterwarnings("ignore")
 def test_stats_reads_a_hostile_image_as_unreadable(tmp_path):
-    from productvlm.data.stats import image_size
+    from productvlm.data.stats import readable_size
 
     for name in ("gif-frame-huge", "png-huge", "tiff-zero", "jpeg-truncated-8"):
         path = tmp_path / f"{name}.jpg"
         path.write_bytes(CASES[name])
-        assert image_size(path) is None, name
+        assert readable_size(path) is None, name

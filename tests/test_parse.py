@@ -5,7 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from productvlm.config import DEFAULT_ANSWER
-from productvlm.prompting.parse import Answer, parse_answer, parse_price
+from productvlm.prices import find_price
+from productvlm.prompting.parse import Answer, parse_answer
 
 
 @pytest.mark.parametrize(
@@ -47,7 +48,7 @@ def test_parses_what_models_write(text, expected):
     ],
 )
 def test_price_formats(text, price):
-    assert parse_price(text) == price
+    assert find_price(text) == price
 
 
 def test_complete_needs_all_three_fields():

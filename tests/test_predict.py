@@ -81,6 +81,6 @@ def test_predict_errors(eval_run, tmp_path):
     assert isinstance(missing.exception, UserError) and "nope.jpg: no such file" in str(missing.exception)
     (tmp_path / "bad.jpg").write_text("not an image")
     bad = invoke(tmp_path / "bad.jpg", "--model", eval_run)
-    assert isinstance(bad.exception, UserError) and "not a readable image" in str(bad.exception)
+    assert isinstance(bad.exception, UserError) and "not a supported image" in str(bad.exception)
     neither = invoke("--model", eval_run)
     assert isinstance(neither.exception, UserError) and "one of the two" in str(neither.exception)

@@ -109,7 +109,7 @@ def test_every_fault_ends_imported_or_in_failures_csv(tmp_path, server):
         (u("/resetbody/p7.jpg"), "connection error"),  # reset half-way through the body
         (u("/resetonce/p8.jpg"), None),  # a reset, then 200 on the retry
         (u("/trunc/p9.jpg"), "truncated image"),
-        (u("/text/p10.jpg"), "not an image"),  # an HTML page where the image should be
+        (u("/text/p10.jpg"), "not a supported image"),  # an HTML page where the image should be
         (u("/empty/p11.jpg"), "empty file"),
         (u("/img/bomb.png"), "too many pixels (10000x6000)"),
         (u("/loop/p12.jpg"), "too many redirects"),

@@ -89,13 +89,17 @@ def test_price_plot_says_so_when_no_answer_has_a_price():
     import io
 
     from productvlm.evaluation.report import error_histogram, price_scatter
+    from productvlm.pages import data_uri
+
+    def png(fig) -> bytes:
+        return base64.b64decode(data_uri(fig).split(",", 1)[1])
 
     zero = [
         {"truth": {"price": 390.0}, "pred": {"price": 0.0}},
         {"truth": {"price": 50.0}, "pred": {"price": None}},
     ]
     real_answer = {"truth": {"price": 390.0}, "pred": {"price": 350.0}}
-    empty = Image.open(io.BytesIO(base64.b64decode(price_scatter(zero))))
-    real = Image.open(io.BytesIO(base64.b64decode(price_scatter([real_answer]))))
+    empty = Image.open(io.BytesIO(png(price_scatter(zero))))
+    real = Image.open(io.BytesIO(png(price_scatter([real_answer]))))
     assert empty.size[0] > 100 and empty.size != real.size  # a picture, not the plot's axes
-    assert error_histogram(zero) and error_histogram(zero) != error_histogram([real_answer])
+    assert png(error_histogram(zero)) != png(error_histogram([real_answer]))

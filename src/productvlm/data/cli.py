@@ -195,7 +195,8 @@ def stats(
     json_out: Path = typer.Option(None, "--json", help="Also write the numbers as JSON here."),
 ) -> None:
     """Rows per split and category, prices, image sizes, image tokens at num_crops 1/4/16 and the token budget."""
-    from productvlm.data.stats import compute_stats, print_stats, write_html
+    from productvlm.data.stats import compute_stats, print_stats
+    from productvlm.data.stats_page import write_html
 
     result = compute_stats(dataset_dir)
     print_stats(result, console)

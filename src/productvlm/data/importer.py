@@ -2,8 +2,9 @@
 
 1. read the table, map its columns, check every row (rejects go to failures.csv with a reason);
 2. split the rows by product_code hash (optionally stratified by category3_code);
-3. fetch each distinct image once (concurrently, with retries), validate it, store it atomically as
-   `<split>/images/<hash of source>.jpg`; an image already there from an earlier run is not fetched;
+3. fetch each distinct image once (concurrently, with retries), validate it with the one photo decoder
+   (`data.images`: allowed formats and limits), store it atomically as `<split>/images/<hash of
+   source>.jpg`; an image already there from an earlier run is not fetched;
 4. write `<split>/metadata.jsonl`, `failures.csv` and `dataset.json`.
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 
 from productvlm.data import folder
 from productvlm.data.fetch import Fetcher, FetchError, FetchOptions
-from productvlm.data.images import BadImage, ImageLimits, is_complete_jpeg, to_dataset_jpeg
+from productvlm.data.images import BadImage, ImageLimits, ImageTooLarge, is_complete_jpeg, to_dataset_jpeg
 from productvlm.data.progress import progress_bar
 from productvlm.data.rows import (
     CatalogRow,
@@ -202,7 +203,7 @@ def _read_local(path: str, max_bytes: int) -> bytes:
         if not p.is_file():
             raise BadImage("file not found")
         if p.stat().st_size > max_bytes:
-            raise BadImage(f"too large ({p.stat().st_size} bytes)")
+            raise ImageTooLarge(f"too large ({p.stat().st_size:,} bytes, over {max_bytes:,})")
         return p.read_bytes()
     except OSError as e:  # unreadable (permissions, a dangling mount...): this row's failure only
         raise BadImage(f"cannot read file ({e.strerror or type(e).__name__})") from e
@@ -234,7 +235,7 @@ async def download_all(
             if job.source.kind == "url":
                 data = await fetcher.get(job.source.location)
             else:
-                data = await loop.run_in_executor(pool, _read_local, job.source.location, fetch.max_bytes)
+                data = await loop.run_in_executor(pool, _read_local, job.source.location, limits.max_bytes)
             nbytes += len(data)
             await loop.run_in_executor(pool, _store, data, target, limits)
         except (FetchError, BadImage) as e:

@@ -99,8 +99,9 @@ def _placeholder(v: Any) -> bool:
     return _blank(v) or (isinstance(v, str) and v.strip().casefold() in PLACEHOLDERS)
 
 
-def parse_price(value: Any, column: str, rules: RowRules = RowRules()) -> float | None:
-    """The price in a cell (productvlm.prices reads it), None when empty; RowRejected with the reason."""
+def read_price_cell(value: Any, column: str, rules: RowRules = RowRules()) -> float | None:
+    """The price in a table cell (`prices.read_price` reads it), None when empty; RowRejected with the
+    failures.csv reason (the answer parser uses `prices.find_price`, which never refuses)."""
     try:
         price = read_price(value, rules.max_price)
     except PriceError as e:
@@ -194,7 +195,7 @@ def parse_row(
     values: dict[str, Any] = {c: _text(v) for c, v in get.items()}
     values["product_code"] = parse_product_code(get["product_code"])
     for col in PRICE_COLUMNS:
-        values[col] = parse_price(get[col], col, rules)
+        values[col] = read_price_cell(get[col], col, rules)
     if values["full_price"] is None:
         raise RowRejected("missing price")
     for col in ("title", "category3_code"):

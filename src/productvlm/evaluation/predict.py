@@ -9,24 +9,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
+from productvlm.data.images import BadImage, image_size
 from productvlm.errors import UserError
 from productvlm.inference.predictor import Predictor
 from productvlm.prompting.parse import parse_answer
 
 
 def check_images(paths: Sequence[str | Path], where: str = "") -> None:
-    """Every path is a readable image, else a UserError naming it (before any generation)."""
+    """Every path is a supported, sanely sized photo (`data.images.image_size` reads its header), else a
+    UserError naming it (before any generation)."""
     for i, path in enumerate(paths):
         at = f"{where} row {i + 1}: " if where else ""
         try:
-            with Image.open(path) as im:
-                im.verify()
+            image_size(path)
         except FileNotFoundError:
             raise UserError(f"{at}image {path}: no such file") from None
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise UserError(f"{at}image {path}: not a readable image ({e.__class__.__name__})") from None
+        except (BadImage, OSError) as e:
+            raise UserError(f"{at}image {path}: {e}") from None
 
 
 def read_image_csv(path: Path, column: str) -> list[str]:

@@ -1,18 +1,20 @@
 """The evaluation report: one self-contained HTML page (plots and thumbnails embedded, no external URL).
 
 Top: the metrics table, model vs baselines. Then predicted vs true price, the error histogram, the
-category confusion matrix, per-category accuracy and price error, the training curves (when the model
-sits in a run folder with RUN/train_log.jsonl), and the worst examples with their photos.
+category confusion matrix, the training curves (when the model sits in a run folder with
+RUN/train_log.jsonl), per-category accuracy and price error, and the worst examples with their photos.
+
+The data and the plots (matplotlib Figures) are made here; `render` hands them to
+`templates/report.html.j2` (escaped by the template engine, see `productvlm.pages`). A new plot is a
+`PageFigure` in one of `figure_sections`.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import ConfusionMatrixDisplay
 
-from productvlm.data.images import normalize_photo
+from productvlm.data.images import BadImage, load_photo
+from productvlm.pages import PageFigure, render_page
 from productvlm.run_folder import LOG, find_run
 
 N_WORST = 12
@@ -29,43 +32,18 @@ THUMB = 160
 NONE_LABEL = "(none)"
 OTHER_LABEL = "(other)"
 
-STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;
-color:#222;padding:0 1rem;line-height:1.4}
-h1{font-size:1.6rem;margin-bottom:.2rem}h2{margin-top:2.2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
-.meta{color:#666;font-size:.9rem}
-table{border-collapse:collapse;margin:.8rem 0;font-size:.92rem}
-th,td{border:1px solid #ddd;padding:.35rem .6rem;text-align:right;vertical-align:top}
-th{background:#f5f5f7}td.l,th.l{text-align:left}
-tr:nth-child(even) td{background:#fafafa}
-.ci{color:#888;font-size:.8rem}.best{font-weight:600;color:#0a7}
-.plots{display:flex;flex-wrap:wrap;gap:1rem}.plots figure{margin:0}
-.plots img{max-width:100%;border:1px solid #eee}
-#worst td.l{min-width:170px;max-width:300px;overflow-wrap:anywhere}#worst code{display:block;max-width:380px}
-figcaption{color:#666;font-size:.85rem}
-img.thumb{width:110px;height:auto;border:1px solid #ddd}
-.bad{color:#c33}.ok{color:#0a7}code{font-size:.85rem;white-space:pre-wrap}
-"""
-
-
 # ------------------------------------------------------------------ plots
 
 
-def _png(fig: Figure) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _no_price(fig: Figure, ax, title: str) -> str:
+def _no_price(fig: Figure, ax, title: str) -> Figure:
     """The figure of a price plot with nothing to plot (an untrained model answers "0"), saying why."""
     ax.text(0.5, 0.5, "no answer has a price above 0", ha="center", va="center", color="#666")
     ax.set_axis_off()
     ax.set_title(title)
-    return _png(fig)
+    return fig
 
 
-def price_scatter(preds: list[dict[str, Any]]) -> str:
+def price_scatter(preds: list[dict[str, Any]]) -> Figure:
     pairs = [(p["truth"]["price"], p["pred"]["price"]) for p in preds if _positive(p["pred"]["price"])]
     pairs = [(t, q) for t, q in pairs if t > 0]
     fig = Figure(figsize=(5.5, 5))
@@ -89,10 +67,10 @@ def price_scatter(preds: list[dict[str, Any]]) -> str:
     )
     ax.set_title("Predicted vs true price")
     ax.legend(loc="upper left")
-    return _png(fig)
+    return fig
 
 
-def error_histogram(preds: list[dict[str, Any]]) -> str:
+def error_histogram(preds: list[dict[str, Any]]) -> Figure:
     errs = [
         100 * (p["pred"]["price"] / p["truth"]["price"] - 1)
         for p in preds
@@ -106,10 +84,10 @@ def error_histogram(preds: list[dict[str, Any]]) -> str:
     ax.axvline(0, color="#333", lw=1)
     ax.set(xlabel="price error, % of true (clipped to -100..200)", ylabel="answers")
     ax.set_title("Price error")
-    return _png(fig)
+    return fig
 
 
-def confusion(preds: list[dict[str, Any]]) -> str | None:
+def confusion(preds: list[dict[str, Any]]) -> Figure | None:
     truths = [p["truth"]["category"] for p in preds]
     labels = sorted(set(truths))
     if not labels:
@@ -127,10 +105,10 @@ def confusion(preds: list[dict[str, Any]]) -> str | None:
         truths, pred, labels=labels + extra, ax=ax, colorbar=False, cmap="Blues", xticks_rotation=60
     )
     ax.set_title("Category confusion (rows: true)")
-    return _png(fig)
+    return fig
 
 
-def training_curves(log: Path | None) -> str | None:
+def training_curves(log: Path | None) -> Figure | None:
     if log is None or not log.is_file():
         return None
     events = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -151,7 +129,41 @@ def training_curves(log: Path | None) -> str | None:
         ax2.plot(steps, [e.get("eval_parse_rate", np.nan) for e in evals], "^-", label="parse rate")
         ax2.legend()
     ax2.set(xlabel="step", title="Validation (generation)")
-    return _png(fig)
+    return fig
+
+
+@dataclass(frozen=True)
+class Section:
+    """A titled row of figures; `empty` is said when there is none."""
+
+    title: str
+    figures: list[PageFigure]
+    empty: str = ""
+
+
+def figure_sections(predictions: list[dict[str, Any]], train_log: Path | None = None) -> list[Section]:
+    """The report's plots, in page order (a section without figures and without `empty` is left out)."""
+    curves = training_curves(train_log)
+    confusion_fig = confusion(predictions)
+    sections = [
+        Section(
+            "Price",
+            [
+                PageFigure("price-scatter", "log scale; band: within 10%", price_scatter(predictions)),
+                PageFigure(
+                    "error-hist", "signed error of answers with a price", error_histogram(predictions)
+                ),
+            ],
+        ),
+        Section(
+            "Category",
+            [PageFigure("confusion", "counts; (none): no category parsed", confusion_fig)]
+            if confusion_fig is not None
+            else [],
+        ),
+        Section("Training", [PageFigure("curves", str(train_log), curves)] if curves is not None else []),
+    ]
+    return [s for s in sections if s.figures or s.empty]
 
 
 def _positive(x: float | None) -> bool:
@@ -166,7 +178,7 @@ def _fmt(x: Any, pct: bool = False) -> str:
         return "—"
     if pct:
         return f"{100 * x:.1f}%"
-    return f"{x:,.2f}" if isinstance(x, float) else html.escape(str(x))
+    return f"{x:,.2f}" if isinstance(x, float) else str(x)
 
 
 # (label, field, key, as percent, higher is better)
@@ -194,23 +206,21 @@ def _get(block: dict[str, Any], field: str | None, key: str) -> Any:
     return (block if field is None else block.get(field, {})).get(key)
 
 
-def metrics_table(metrics: dict[str, Any]) -> str:
+def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The metrics table as text: label, model value, its 95% CI (or None), one value per baseline."""
     base = metrics.get("baselines", {})
-    head = "".join(f"<th>{html.escape(BASELINES[b])}</th>" for b in base)
-    body = []
+    rows = []
     for label, field, key, pct, _ in ROWS:
-        model = _get(metrics, field, key)
         ci = _get(metrics, field, f"{key}_ci95")
-        cell = _fmt(model, pct) + (
-            f' <span class="ci">[{_fmt(ci[0], pct)}, {_fmt(ci[1], pct)}]</span>' if ci else ""
+        rows.append(
+            {
+                "label": label,
+                "model": _fmt(_get(metrics, field, key), pct),
+                "ci": (_fmt(ci[0], pct), _fmt(ci[1], pct)) if ci else None,
+                "baselines": [_fmt(_get(b, field, key), pct) for b in base.values()],
+            }
         )
-        others = "".join(f"<td>{_fmt(_get(b, field, key), pct)}</td>" for b in base.values())
-        body.append(f'<tr><td class="l">{label}</td><td>{cell}</td>{others}</tr>')
-    return (
-        f'<table id="metrics"><tr><th class="l">metric</th><th>model <span class="ci">[95% CI]</span></th>{head}</tr>'
-        + "".join(body)
-        + "</table>"
-    )
+    return rows
 
 
 def per_category(preds: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -232,18 +242,6 @@ def per_category(preds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def per_category_table(preds: list[dict[str, Any]]) -> str:
-    rows = "".join(
-        f'<tr><td class="l">{html.escape(c["category"])}</td><td>{c["n"]}</td><td>{_fmt(c["accuracy"], True)}</td>'
-        f"<td>{_fmt(c['mape'], True)}</td><td>{_fmt(c['median_ape'], True)}</td></tr>"
-        for c in per_category(preds)
-    )
-    return (
-        '<table id="per-category"><tr><th class="l">true category</th><th>n</th><th>accuracy</th>'
-        f"<th>price MAPE</th><th>price median APE</th></tr>{rows}</table>"
-    )
-
-
 def badness(p: dict[str, Any]) -> tuple:
     """Unparsed first, then wrong category, then the largest price error."""
     ape = p["price_ape"] if p["price_ape"] is not None else math.inf
@@ -254,39 +252,35 @@ def _short(text: str | None, n: int = 90) -> str | None:
     return text if text is None or len(text) <= n else text[: n - 1] + "…"
 
 
-def thumbnail(path: str | None) -> str:
+def thumbnail(path: str | None) -> Image.Image | None:
+    """The row's photo through the one photo decoder, shrunk to THUMB px; None when unreadable."""
     if not path:
-        return ""
+        return None
     try:
-        with Image.open(path) as im:
-            im = normalize_photo(im)
-            im.thumbnail((THUMB, THUMB))
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=80)
-    except (OSError, ValueError):
-        return "(image unreadable)"
-    b64 = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img class="thumb" alt="{html.escape(Path(path).name)}" src="data:image/jpeg;base64,{b64}">'
+        im = load_photo(path)
+    except (BadImage, OSError):
+        return None
+    im.thumbnail((THUMB, THUMB))
+    return im
 
 
-def worst_table(preds: list[dict[str, Any]], n: int = N_WORST) -> str:
-    worst = sorted(preds, key=badness, reverse=True)[:n]
-    rows = []
-    for p in worst:
+def worst(preds: list[dict[str, Any]], n: int = N_WORST) -> list[dict[str, Any]]:
+    """The `n` worst answers (`badness`) as text and a thumbnail."""
+    out = []
+    for p in sorted(preds, key=badness, reverse=True)[:n]:
         t, q = p["truth"], p["pred"]
-        ok = p["category_correct"]
-        rows.append(
-            f"<tr><td>{thumbnail(p.get('image_path'))}</td>"
-            f'<td class="l">{html.escape(t["title"])}<br>{html.escape(t["category"])} · {_fmt(t["price"])}</td>'
-            f'<td class="l">{html.escape(_short(q["title"]) or "—")}<br>'
-            f'<span class="{"ok" if ok else "bad"}">{html.escape(q["category"] or "—")}</span> · {_fmt(q["price"])}</td>'
-            f"<td>{_fmt(p['price_ape'], True)}</td>"
-            f'<td class="l"><code>{html.escape(_short(p["raw"], 240))}</code></td></tr>'
+        out.append(
+            {
+                "photo": thumbnail(p.get("image_path")),
+                "photo_name": Path(p["image_path"]).name if p.get("image_path") else "",
+                "truth": (t["title"], t["category"], _fmt(t["price"])),
+                "pred": (_short(q["title"]) or "—", q["category"] or "—", _fmt(q["price"])),
+                "category_correct": p["category_correct"],
+                "price_error": _fmt(p["price_ape"], True),
+                "raw": _short(p["raw"], 240),
+            }
         )
-    return (
-        '<table id="worst"><tr><th>photo</th><th class="l">truth</th><th class="l">prediction</th>'
-        f'<th>price error</th><th class="l">raw answer</th></tr>{"".join(rows)}</table>'
-    )
+    return out
 
 
 def find_train_log(model_dir: str | Path) -> Path | None:
@@ -295,51 +289,29 @@ def find_train_log(model_dir: str | Path) -> Path | None:
     return run / LOG if run and (run / LOG).is_file() else None
 
 
-def _figure(b64: str | None, caption: str, fig_id: str) -> str:
-    if b64 is None:
-        return ""
-    return (
-        f'<figure id="{fig_id}"><img alt="{html.escape(caption)}" src="data:image/png;base64,{b64}">'
-        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-    )
-
-
 def render(metrics: dict[str, Any], predictions: list[dict[str, Any]], train_log: Path | None = None) -> str:
-    price_plots = _figure(
-        price_scatter(predictions), "log scale; band: within 10%", "price-scatter"
-    ) + _figure(error_histogram(predictions), "signed error of answers with a price", "error-hist")
-    curves = training_curves(train_log)
-    meta = (
-        f"model <b>{html.escape(str(metrics.get('model')))}</b> · split <b>{html.escape(str(metrics.get('split')))}</b>"
-        f" · {metrics.get('n')} rows · num_crops {metrics.get('num_crops')} · "
-        f"{'constrained' if metrics.get('constrained') else 'free'} decoding"
-    )
-    sections = [
-        f"<h1>productvlm evaluation</h1><p class='meta'>{meta}</p>",
-        "<h2>Metrics</h2>",
-        metrics_table(metrics),
-        "<p class='meta'>Baselines use the train split only. ¹ knows each row's true category: an upper bound "
-        "for a price guess from the category alone. Price MAE/MAPE/median APE are over the answers with a "
-        f"price ({metrics.get('price', {}).get('n')} of {metrics.get('n')}); within-x% counts a missing price "
-        "as a miss. CIs: seeded percentile bootstrap over rows.</p>",
-        "<h2>Price</h2>",
-        f'<div class="plots">{price_plots or "<p>No answer had a price.</p>"}</div>',
-        "<h2>Category</h2>",
-        f'<div class="plots">{_figure(confusion(predictions), "counts; (none): no category parsed", "confusion")}</div>',
-        "<h2>Per category</h2>",
-        per_category_table(predictions),
-    ]
-    if curves:
-        sections += [
-            "<h2>Training</h2>",
-            f'<div class="plots">{_figure(curves, str(train_log), "curves")}</div>',
-        ]
-    sections += [f"<h2>Worst {min(N_WORST, len(predictions))} examples</h2>", worst_table(predictions)]
-    return (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>productvlm evaluation: {html.escape(str(metrics.get('model')))}</title>"
-        f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>"
+    return render_page(
+        "report.html.j2",
+        model=str(metrics.get("model")),
+        split=str(metrics.get("split")),
+        n=metrics.get("n"),
+        num_crops=metrics.get("num_crops"),
+        decoding="constrained" if metrics.get("constrained") else "free",
+        price_n=metrics.get("price", {}).get("n"),
+        baselines=[BASELINES[b] for b in metrics.get("baselines", {})],
+        metric_rows=metric_rows(metrics),
+        sections=figure_sections(predictions, train_log),
+        per_category=[
+            {
+                **c,
+                "accuracy": _fmt(c["accuracy"], True),
+                "mape": _fmt(c["mape"], True),
+                "median_ape": _fmt(c["median_ape"], True),
+            }
+            for c in per_category(predictions)
+        ],  # fmt: skip
+        worst=worst(predictions),
     )
 
 
-__all__ = ["render", "find_train_log", "metrics_table", "per_category"]
+__all__ = ["render", "find_train_log", "metric_rows", "per_category", "figure_sections", "ROWS"]

@@ -16,27 +16,23 @@ from typing import Any
 import torch
 from PIL import Image
 
-from productvlm.data.images import normalize_photo
+from productvlm.data.images import BadImage, image_size, load_photo
+from productvlm.errors import UserError
 from productvlm.prompting.settings import PromptSettings
 
 BLANK_GREY = (128, 128, 128)
-EXIF_ORIENTATION = 0x0112  # values 5-8 mean the stored image is rotated by 90 or 270 degrees
 
 
 def load_image(path: str | Path, blank: bool = False) -> Image.Image:
-    """The photo from disk, normalised (`data.images.normalize_photo`), or with `blank` a plain grey
-    image of the same size (the no-image control)."""
-    if blank:
-        return Image.new("RGB", image_size(path), BLANK_GREY)
-    with Image.open(path) as im:
-        return normalize_photo(im)
-
-
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) as `load_image` returns it, from the header only."""
-    with Image.open(path) as im:
-        w, h = im.size
-        return (h, w) if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
+    """The photo from disk through the one photo decoder (`data.images.load_photo`: allowed formats,
+    limits, normalised), or with `blank` a plain grey image of the same size (the no-image control).
+    A file that is no usable photo is a UserError naming it."""
+    try:
+        if blank:
+            return Image.new("RGB", image_size(path), BLANK_GREY)
+        return load_photo(path)
+    except BadImage as e:
+        raise UserError(f"image {path}: {e}") from None
 
 
 def prompt_ids(processor, prompt: str, sizes: Sequence[tuple[int, int]], num_crops: int) -> list[int]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from productvlm.prices import find_price  # the one number reader, shared with `data import`
+
 # Label -> field; longer labels first so that "Full Price" wins over "Price".
 _LABELS = {
     "full price": "price",
@@ -22,8 +24,6 @@ _LABELS = {
 _LABEL_RE = re.compile(
     r"(?<![A-Za-z])(" + "|".join(re.escape(k) for k in _LABELS) + r")\s*:", flags=re.IGNORECASE
 )
-_NUMBER_RE = re.compile(r"[-+]?\d[\d,.' \u00a0]*")
-_EU_RE = re.compile(r"^\d{1,3}(\.\d{3})+(,\d+)?$|^\d+,\d{1,2}$")
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,6 @@ class Answer:
     @property
     def complete(self) -> bool:
         return None not in (self.title, self.category, self.price)
-
-
-def parse_price(text: str) -> float | None:
-    """The first number in `text`: `$1,290` -> 1290.0, `1.290,00 EUR` -> 1290.0, `n/a` -> None."""
-    from productvlm.prices import find_price  # the one number reader, shared with `data import`
-
-    return find_price(text)
 
 
 def _clean(value: str) -> str | None:
@@ -65,8 +58,8 @@ def parse_answer(text: str) -> Answer:
             fields[name] = value
     title = _clean(fields.get("title", ""))
     category = _clean(fields.get("category", ""))
-    price = parse_price(fields["price"]) if "price" in fields else None
+    price = find_price(fields["price"]) if "price" in fields else None
     return Answer(title=title, category=category.upper() if category else None, price=price)
 
 
-__all__ = ["Answer", "parse_answer", "parse_price"]
+__all__ = ["Answer", "parse_answer"]

@@ -1,6 +1,7 @@
 """Images sent to the server: `data:` URLs, uploads and (only when allowed) remote http(s) URLs.
 
-Every image is size-checked from its header before a pixel is decoded (decompression-bomb guard).
+Every image goes through the one photo decoder (`data.images.decode_photo`: allowed formats only,
+size checked from the header before a pixel is decoded, polyglots refused) and its `ImageLimits`.
 Remote fetches never reach private, loopback, link-local or otherwise non-public addresses: the
 check runs in aiohttp's resolver, i.e. on the very addresses the connection then uses (no DNS
 rebinding window), literal IPs are checked before connecting, and redirects are followed by hand
@@ -11,50 +12,31 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import ipaddress
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from productvlm.data.images import normalize_photo
+from productvlm.data.images import BadImage, ImageLimits, ImageTooLarge, decode_photo
 from productvlm.serving.errors import APIError
 
 MAX_REDIRECTS = 3
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    max_pixels: int = 20_000_000
-    max_bytes: int = 10 * 1024 * 1024
-    fetch_timeout_s: float = 10.0
+FETCH_TIMEOUT_S = 10.0
 
 
 def decode_image(data: bytes, limits: ImageLimits, where: str = "image") -> Image.Image:
-    """Bytes -> the normalised photo (`data.images.normalize_photo`), or a 400 naming `where` (not an
-    image, too many pixels, truncated)."""
+    """Bytes -> the normalised photo, or a 400 naming `where` and the reason: `image_too_large` (bytes
+    or pixels over `limits`), else `invalid_image` (not a supported image, truncated, corrupt...)."""
     try:
-        im = Image.open(io.BytesIO(data))  # reads the header only
-    except Image.DecompressionBombError as e:
-        raise APIError(400, f"{where}: too many pixels ({e})", code="image_too_large") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise APIError(400, f"{where}: not a readable image", code="invalid_image") from e
-    w, h = im.size
-    if w * h > limits.max_pixels:
-        raise APIError(
-            400,
-            f"{where}: {w}x{h} = {w * h:,} pixels, over the limit of {limits.max_pixels:,}",
-            code="image_too_large",
-        )
-    try:
-        return normalize_photo(im)  # decodes fully: a truncated file fails here
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise APIError(400, f"{where}: corrupt or truncated image ({e})", code="invalid_image") from e
+        return decode_photo(data, limits)
+    except ImageTooLarge as e:
+        raise APIError(400, f"{where}: {e}", code="image_too_large") from e
+    except BadImage as e:
+        raise APIError(400, f"{where}: {e}", code="invalid_image") from e
 
 
 def decode_data_url(url: str, limits: ImageLimits, where: str) -> Image.Image:
@@ -104,14 +86,19 @@ class PublicOnlyResolver(AbstractResolver):
 class RemoteFetcher:
     """Downloads remote images with the address policy, a timeout, a byte cap and checked redirects."""
 
-    def __init__(self, limits: ImageLimits, allowed: Callable[[str], bool] = is_public):
-        self.limits, self.allowed = limits, allowed
+    def __init__(
+        self,
+        limits: ImageLimits,
+        allowed: Callable[[str], bool] = is_public,
+        timeout_s: float = FETCH_TIMEOUT_S,
+    ):
+        self.limits, self.allowed, self.timeout_s = limits, allowed, timeout_s
         self._session: aiohttp.ClientSession | None = None
 
     async def fetch(self, url: str, where: str) -> Image.Image:
         if self._session is None:
             connector = aiohttp.TCPConnector(resolver=PublicOnlyResolver(self.allowed), limit=32)
-            timeout = aiohttp.ClientTimeout(total=self.limits.fetch_timeout_s)
+            timeout = aiohttp.ClientTimeout(total=self.timeout_s)
             self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False)
         for _ in range(MAX_REDIRECTS + 1):
             self._check_url(url, where)

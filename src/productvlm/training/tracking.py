@@ -60,12 +60,11 @@ THUMBNAIL = (256, 256)
 
 
 def _thumbnail(path: str):
-    from PIL import Image
+    from productvlm.data.images import load_photo
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        im.thumbnail(THUMBNAIL)
-        return im
+    im = load_photo(path)
+    im.thumbnail(THUMBNAIL)
+    return im
 
 
 def log_eval_samples(backend: str, step: int, samples: list[dict], callbacks: list) -> None:
