@@ -14,7 +14,7 @@ from productvlm.prompting.metrics import (
     title_metrics,
     token_f1,
 )
-from productvlm.training import evaluate as flat
+from productvlm.training import generation_scores as flat
 
 
 def row(title="Black Tote", category="TOTE", price=100.0):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from productvlm.models.evaluations import last_evaluation
+from productvlm.models.eval_records import last_evaluation
 from productvlm.models.export import LOADER_ARGS, export_model
 from productvlm.models.phi3v import Phi3VProcessor
 

@@ -49,9 +49,9 @@ def test_predict_csv_with_relative_paths_to_file(eval_run, eval_catalog, tmp_pat
 def test_predict_matches_eval_generation(eval_run, eval_catalog, tmp_path):
     """Same model, same prompt settings: predict (photos only, one at a time) writes the raw answers
     that eval (catalog rows, batched) wrote to predictions.jsonl."""
-    from productvlm.evaluation.run import evaluate_model
+    from productvlm.evaluation.run import run_eval
 
-    evaluated = evaluate_model(
+    evaluated = run_eval(
         eval_run, eval_catalog, "test", tmp_path / "eval", batch_size=3, limit=3, device="cpu", progress=False
     )
     images = [p["image_path"] for p in evaluated.predictions]

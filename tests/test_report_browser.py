@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from productvlm.evaluation.run import evaluate_model
+from productvlm.evaluation.run import run_eval
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -40,7 +40,7 @@ def browser():
 
 
 def test_report_renders_in_chromium(browser, eval_run, eval_catalog, tmp_path):
-    result = evaluate_model(
+    result = run_eval(
         eval_run,
         eval_catalog,
         "validation",

@@ -13,7 +13,7 @@ from productvlm.data.synth import synthesize
 from productvlm.inference.generate import generate_answers
 from productvlm.models.loading import load_pretrained
 from productvlm.prompting.settings import PromptSettings
-from productvlm.training.evaluate import baselines, score
+from productvlm.training.generation_scores import baselines, score
 from productvlm.training.run import train
 from test_train_run import CONFIGS
 

@@ -66,7 +66,7 @@ def main(out: Path = Path("demo"), overrides: tuple[str, ...] = ()) -> int:
     """`overrides` (config `key=value`s) are for quick checks of the demo itself, e.g. train.max_steps=20."""
     from productvlm.cli import quiet_library_progress
     from productvlm.evaluation.cli import metrics_table
-    from productvlm.evaluation.run import evaluate_model
+    from productvlm.evaluation.run import run_eval
 
     quiet_library_progress()
     console = Console()
@@ -77,7 +77,7 @@ def main(out: Path = Path("demo"), overrides: tuple[str, ...] = ()) -> int:
     console.rule(f"[bold]2. train the tiny Phi-3-V ({CONFIG.name}, CPU)")
     final = ensure_model(cfg, console)
     console.rule("[bold]3. evaluate on the test split")
-    result = evaluate_model(final, out / "data", "test", out / "eval", batch_size=32, max_new_tokens=48)
+    result = run_eval(final, out / "data", "test", out / "eval", batch_size=32, max_new_tokens=48)
     console.print(metrics_table(result.metrics))
     console.print(f"report: [bold]{(result.out_dir / 'report.html').resolve()}[/]")
     console.print(f"done in {time.perf_counter() - t0:.0f}s")

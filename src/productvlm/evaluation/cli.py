@@ -87,11 +87,11 @@ def eval_command(
 ) -> None:
     """Generate on a split, score title / category / price against the truth and the train-split
     baselines; writes metrics.json, predictions.jsonl and a self-contained report.html."""
-    from productvlm.evaluation.run import evaluate_model
+    from productvlm.evaluation.run import run_eval
 
     if not data.is_dir():
         raise UserError(f"--data {data}: no such folder")
-    result = evaluate_model(
+    result = run_eval(
         model,
         data,
         split,

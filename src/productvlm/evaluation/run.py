@@ -1,4 +1,4 @@
-"""`evaluate_model`: generate on a split, score against the truth and the train-split baselines, write
+"""`run_eval`: generate on a split, score against the truth and the train-split baselines, write
 OUT/metrics.json, OUT/predictions.jsonl and OUT/report.html (formats: README, "Evaluate and predict")."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from productvlm.data.folder import read_split
 from productvlm.errors import UserError
 from productvlm.evaluation import report
 from productvlm.inference.predictor import Predictor
-from productvlm.models.evaluations import eval_dir
+from productvlm.models.eval_records import eval_dir
 from productvlm.prompting.metrics import evaluate, token_f1, truth
 from productvlm.prompting.parse import parse_answer
 
@@ -74,7 +74,7 @@ def load_rows(data: Path, split: str) -> tuple[list[dict[str, Any]], list[dict[s
     return rows, train_rows
 
 
-def evaluate_model(
+def run_eval(
     model: str | Path,
     data: str | Path,
     split: str = "test",
@@ -120,7 +120,7 @@ def evaluate_model(
 
 
 __all__ = [
-    "evaluate_model",
+    "run_eval",
     "EvalResult",
     "prediction_record",
     "default_out_dir",

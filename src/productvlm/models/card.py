@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from productvlm.config import read_yaml
-from productvlm.models.evaluations import (
+from productvlm.models.eval_records import (
     dataset_currency,
     held_out_metrics,
     last_evaluation,

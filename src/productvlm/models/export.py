@@ -25,7 +25,7 @@ from pathlib import Path
 from productvlm.config import read_yaml
 from productvlm.errors import UserError
 from productvlm.models.card import write_model_card
-from productvlm.models.evaluations import CARRIED, last_evaluation
+from productvlm.models.eval_records import CARRIED, last_evaluation
 from productvlm.models.loading import (
     DTYPES,
     adapter_base,

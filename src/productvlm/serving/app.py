@@ -95,7 +95,7 @@ def create_app(
     model_info: dict | None = None,
 ) -> FastAPI:
     """The app around a loaded model. `trained` = load_prompt_settings(model_dir) (prompt, num_crops).
-    `model_info` = models.evaluations.model_summary(model_dir) (last evaluation, currency) for the page."""
+    `model_info` = models.eval_records.model_summary(model_dir) (last evaluation, currency) for the page."""
     settings = settings or ServeSettings()
     engine = Engine(model, processor, trained.num_crops, settings.compile)
     prompt = trained.photo_prompt()
@@ -256,7 +256,7 @@ async def _stream(future: asyncio.Future, deltas: asyncio.Queue, cid: str, name:
 def app_from_folder(
     model_dir: str | Path, settings: ServeSettings | None = None, dtype="float32", device="cpu"
 ):
-    from productvlm.models.evaluations import model_summary
+    from productvlm.models.eval_records import model_summary
     from productvlm.models.loading import load_pretrained, resolve_model_dir
     from productvlm.prompting.settings import load_prompt_settings
 

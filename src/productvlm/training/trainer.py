@@ -32,7 +32,7 @@ from productvlm.prompting.templates import render
 from productvlm.run_folder import SAMPLES
 from productvlm.training.checkpoints import complete_checkpoints, evals_since_best, ranked_evals, rotate
 from productvlm.training.data import EpochLengthSampler
-from productvlm.training.evaluate import score
+from productvlm.training.generation_scores import score
 from productvlm.training.model import extra_trainables, param_groups
 from productvlm.training.tracking import log_eval_samples
 
