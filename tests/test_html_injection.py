@@ -20,10 +20,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from browser import chromium
 from productvlm.data import folder
 from serve_helpers import product_jpeg, running_server
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SCRIPT = "<script>window.__pwned=1</script>"
 BREAKOUT = '"><img src=x onerror="window.__pwned=1">'
 JS_URL = "javascript:window.__pwned=1"
@@ -45,20 +45,8 @@ return {pwned: window.__pwned === undefined ? null : window.__pwned, bad,
 
 @pytest.fixture(scope="module")
 def browser():
-    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian packages chromium, chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    try:
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def _check(browser, scripts: int = 0) -> str:

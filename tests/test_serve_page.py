@@ -15,10 +15,10 @@ import httpx
 import pytest
 import yaml
 
+from browser import chromium
 from productvlm.serving.app import ServeSettings, app_from_folder
 from serve_helpers import product_jpeg, running_server
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 KEY = "page-key-42"
 BLOCKS = ["h1", "#intro", "#model", "#drop", "#status", "#results"]
 
@@ -54,20 +54,8 @@ def keyed_server(run_dir):
 
 @pytest.fixture
 def browser():
-    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian packages chromium, chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--lang=en-US"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    try:
+    with chromium("--lang=en-US") as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def _photos(tmp_path: Path, n: int) -> list[Path]:

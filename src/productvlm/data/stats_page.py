@@ -13,7 +13,7 @@ PLOT_CATEGORIES = 40
 
 
 def plots(stats: DatasetStats) -> list[PageFigure]:
-    """The page's figures (matplotlib's object API: no pyplot, no GUI backend)."""
+    """The page's figures."""
     return [
         PageFigure("categories", "Rows per category and split", _categories(stats)),
         PageFigure("long-tail", "Category long tail: rows per category by rank (log-log)", _long_tail(stats)),
@@ -23,16 +23,21 @@ def plots(stats: DatasetStats) -> list[PageFigure]:
     ]
 
 
-def _categories(stats: DatasetStats):
+def _axes(width: float, height: float):
+    """A figure and its one set of axes (matplotlib's object API: no pyplot, no GUI backend)."""
     from matplotlib.figure import Figure
 
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
+
+
+def _categories(stats: DatasetStats):
     cats = stats.summary["categories"]
     largest = list(cats.items())[:PLOT_CATEGORIES]
     rest = list(cats.values())[PLOT_CATEGORIES:]
     if rest:
         largest.append((f"{len(rest)} others", {k: sum(v[k] for v in rest) for k in folder.SPLITS}))
-    fig = Figure(figsize=(7, 0.35 * max(4, len(largest)) + 1))
-    ax = fig.subplots()
+    fig, ax = _axes(7, 0.35 * max(4, len(largest)) + 1)
     names = [c for c, _ in largest][::-1]
     left = [0] * len(names)
     for split in folder.SPLITS:
@@ -45,10 +50,7 @@ def _categories(stats: DatasetStats):
 
 
 def _long_tail(stats: DatasetStats):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 3.5))
-    ax = fig.subplots()
+    fig, ax = _axes(7, 3.5)
     totals = [v["total"] for v in stats.summary["categories"].values()]
     ax.plot(range(1, len(totals) + 1), totals, marker="o", markersize=3, color="#7a5c3e")
     ax.set_xscale("log")
@@ -61,10 +63,7 @@ def _long_tail(stats: DatasetStats):
 
 
 def _prices(stats: DatasetStats):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 3.5))
-    ax = fig.subplots()
+    fig, ax = _axes(7, 3.5)
     ax.hist(stats.prices, bins=40, color="#7a5c3e")
     ax.set_xlabel("full_price")
     ax.set_ylabel("rows")
@@ -72,10 +71,7 @@ def _prices(stats: DatasetStats):
 
 
 def _sizes(stats: DatasetStats):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 5))
-    ax = fig.subplots()
+    fig, ax = _axes(5, 5)
     ax.scatter([w for w, _ in stats.sizes], [h for _, h in stats.sizes], s=6, alpha=0.4)
     ax.set_xlabel("width (px)")
     ax.set_ylabel("height (px)")
@@ -83,10 +79,7 @@ def _sizes(stats: DatasetStats):
 
 
 def _tokens(stats: DatasetStats):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 3.5))
-    ax = fig.subplots()
+    fig, ax = _axes(7, 3.5)
     every = [t for n in NUM_CROPS for t in stats.tokens[n]] or [0]
     lo, width = min(every), max(every) - min(every) + 1
     bins = [lo + width * i / 60 for i in range(61)]  # shared, so one-value series show
