@@ -165,8 +165,8 @@ def _also_a_document(data: bytes) -> str | None:
     at = data.rfind(_ZIP_END, max(0, len(data) - 22 - 0xFFFF))  # the record: 22 bytes + a comment
     if at >= 0 and at + 22 + int.from_bytes(data[at + 20 : at + 22], "little") == len(data):
         return "a ZIP archive"
-    if (m := _MARKUP.search(data)) is not None:
-        return f"markup ({m.group(0)[:20].decode('latin-1')}...)"
+    if _MARKUP.search(data) is not None:
+        return "an HTML page"  # named, not quoted: the bytes are the sender's
     return None
 
 
