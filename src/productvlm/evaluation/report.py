@@ -5,8 +5,8 @@ category confusion matrix, the training curves (when the model sits in a run fol
 RUN/train_log.jsonl), per-category accuracy and price error, and the worst examples with their photos.
 
 The data and the plots (matplotlib Figures) are made here; `render` hands them to
-`templates/report.html.j2` (escaped by the template engine, see `productvlm.pages`). A new plot is a
-`PageFigure` in one of `figure_sections`.
+`templates/report.html.j2` (escaped by the template engine, see `productvlm.pages`). A new plot is one
+more `PageFigure` in `figure_sections`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,38 +131,21 @@ def training_curves(log: Path | None) -> Figure | None:
     return fig
 
 
-@dataclass(frozen=True)
-class Section:
-    """A titled row of figures; `empty` is said when there is none."""
-
-    title: str
-    figures: list[PageFigure]
-    empty: str = ""
-
-
-def figure_sections(predictions: list[dict[str, Any]], train_log: Path | None = None) -> list[Section]:
-    """The report's plots, in page order (a section without figures and without `empty` is left out)."""
-    curves = training_curves(train_log)
-    confusion_fig = confusion(predictions)
-    sections = [
-        Section(
-            "Price",
-            [
-                PageFigure("price-scatter", "log scale; band: within 10%", price_scatter(predictions)),
-                PageFigure(
-                    "error-hist", "signed error of answers with a price", error_histogram(predictions)
-                ),
-            ],
-        ),
-        Section(
-            "Category",
-            [PageFigure("confusion", "counts; (none): no category parsed", confusion_fig)]
-            if confusion_fig is not None
-            else [],
-        ),
-        Section("Training", [PageFigure("curves", str(train_log), curves)] if curves is not None else []),
-    ]
-    return [s for s in sections if s.figures or s.empty]
+def figure_sections(
+    predictions: list[dict[str, Any]], train_log: Path | None = None
+) -> dict[str, list[PageFigure]]:
+    """The report's plots: section title -> figures, in page order; a plot with nothing to show (no
+    category, no training log) is left out, and so is a section left empty."""
+    sections = {
+        "Price": [
+            PageFigure("price-scatter", "log scale; band: within 10%", price_scatter(predictions)),
+            PageFigure("error-hist", "signed error of answers with a price", error_histogram(predictions)),
+        ],
+        "Category": [PageFigure("confusion", "counts; (none): no category parsed", confusion(predictions))],
+        "Training": [PageFigure("curves", str(train_log), training_curves(train_log))],
+    }
+    shown = {title: [f for f in figures if f.picture is not None] for title, figures in sections.items()}
+    return {title: figures for title, figures in shown.items() if figures}
 
 
 def _positive(x: float | None) -> bool:
