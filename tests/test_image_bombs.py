@@ -168,7 +168,10 @@ def test_hostile_files_are_not_complete_jpegs(tmp_path, name):
 @pytest.mark.parametrize(
     "build, size",
     [(b, s) for b in ("gif-screen", "png", "jpeg", "bmp", "tiff") for s in (HUGE, BIG)]
-    + [("gif-frame", HUGE), ("webp-vp8x", HUGE)],  # below Pillow's limit these are "not a supported image"/"corrupt"
+    + [
+        ("gif-frame", HUGE),
+        ("webp-vp8x", HUGE),
+    ],  # below Pillow's limit these are "not a supported image"/"corrupt"
 )
 def test_declared_sizes_over_the_limit_say_too_many_pixels(build, size):
     with pytest.raises(BadImage, match="too many pixels"):
