@@ -37,9 +37,7 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_gpu import REFERENCE, make_batch, measure
-from bench.common import REPO, catalog
-
+REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 GPU_CONFIG = REPO / "configs" / "phi3-vision-lora.yaml"
 TINY_CONFIG = REPO / "configs" / "tiny-cpu.yaml"
@@ -133,6 +131,7 @@ def plan_bytes(cfg, model_config, checkpointing: bool) -> tuple[int | None, str]
 
 def memory_row(cfg, base: Path, num_crops: int, steps: int, device: str) -> dict:
     """Plan vs the peak of `steps` AdamW steps (after one more) of the model as `train` builds it."""
+    from bench.bench_gpu import make_batch, measure
     from productvlm.models.phi3v import Phi3VConfig
     from productvlm.training.model import apply_method, load_model
     from productvlm.training.run import gradient_checkpointing
@@ -207,11 +206,11 @@ def train_run(cfg) -> dict:
     return {
         "steps": result.steps,
         "failed": result.steps != cfg.train.max_steps or not evaluated,
-        "notes": f"{result.steps} steps, eval {'logged' if evaluated else 'MISSING'}, final {result.final_dir.name}",
+        "notes": f"{result.steps} steps, eval {'logged' if evaluated else 'MISSING'}, final model in RUN/{result.final_dir.name}",
     }
 
 
-def eval_and_predict(run: Path, data: Path, out: Path, rows: int, compiled: bool | None) -> dict:
+def eval_and_predict(run: Path, data: Path, out: Path, rows: int, tokens: int, compiled: bool | None) -> dict:
     """`eval` on `rows` test rows, then `predict` on their photos, both with the compiled decode path."""
     from torch._dynamo.utils import counters
 
@@ -233,7 +232,7 @@ def eval_and_predict(run: Path, data: Path, out: Path, rows: int, compiled: bool
         compiled=compiled,
     )
     test_rows, _ = load_rows(data, "test")
-    predictor = Predictor(run, max_new_tokens=24, compiled=compiled)
+    predictor = Predictor(run, max_new_tokens=tokens, compiled=compiled)
     records = predict(predictor, [r["image_path"] for r in test_rows[:rows]], 4, progress=False)
     shapes = decode_shapes(predictor.model).describe() or "none (dynamic cache)"
     graphs = counters["stats"]["unique_graphs"] - before
@@ -309,15 +308,21 @@ def run(
     train_steps: int = 20,
     catalog_rows: int = 60,
     eval_rows: int = 8,
+    decode_tokens: int = 24,
+    memory_batch_size: int | None = None,
     serve_max_tokens: int = 256,
     budget_s: float = 420.0,
     device: str = "cuda",
-    reference: Path = REFERENCE,
+    reference: Path | None = None,
     compiled: bool | None = None,
     work: Path | None = None,
     write: bool = True,
 ) -> list[dict]:
     """Every row of the check; `device="cpu"` with a tiny model folder as `reference` checks the flow."""
+    from bench.bench_gpu import REFERENCE
+    from bench.common import catalog
+
+    reference = reference or REFERENCE
     check = Check(budget_s)
     work = Path(work or tempfile.mkdtemp(prefix="productvlm-gpu-check-"))
     base, data = work / "base", catalog(catalog_rows)
@@ -325,8 +330,15 @@ def run(
     built = "build the model from the reference config"
     for method in methods:
         for num_crops in crops:
+            batch = [f"train.batch_size={memory_batch_size}"] if memory_batch_size else []
             cfg = gpu_config(
-                base, data, work / "mem", device, f"train.method={method}", f"data.num_crops={num_crops}"
+                base,
+                data,
+                work / "mem",
+                device,
+                f"train.method={method}",
+                f"data.num_crops={num_crops}",
+                *batch,
             )
             check.step(
                 f"memory: {method}, num_crops {num_crops}",
@@ -348,14 +360,14 @@ def run(
         f"eval.steps={train_steps}",
         f"eval.subset={eval_rows}",
         "eval.batch_size=4",
-        "eval.max_new_tokens=24",
+        f"eval.max_new_tokens={decode_tokens}",
         "train.save_steps=1000000",
     )
     trained = f"train: lora, {train_steps} steps with an eval"
     check.step(trained, lambda: train_run(cfg), needs=built)
     check.step(
         "eval + predict, compiled decode",
-        lambda: eval_and_predict(run_dir, data, work / "eval", eval_rows, compiled),
+        lambda: eval_and_predict(run_dir, data, work / "eval", eval_rows, decode_tokens, compiled),
         needs=trained,
     )
     photo = next((data / "test").rglob("*.jpg"), None) or next(data.rglob("*.jpg"))
@@ -410,6 +422,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu-check: skipped: no CUDA device")
         return 0
+    from bench.bench_gpu import REFERENCE
+
     if not (REFERENCE / "config.json").is_file():
         print(f"gpu-check: failed: {REFERENCE / 'config.json'} not found (set PRODUCTVLM_REFERENCE)")
         return 1

@@ -53,6 +53,8 @@ def rows(results, tmp_path_factory):
         train_steps=2,
         catalog_rows=30,
         eval_rows=2,
+        decode_tokens=4,
+        memory_batch_size=1,
         serve_max_tokens=8,
         device="cpu",
         reference=tiny_model(),
