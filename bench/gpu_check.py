@@ -254,7 +254,9 @@ def serve_requests(run: Path, photo: Path, device: str, compiled: bool | None, m
     from productvlm.inference.device import pick_dtype
     from productvlm.serving.app import ServeSettings, app_from_folder
 
-    settings = ServeSettings(max_batch_size=2, max_tokens_limit=max_tokens, compile=compiled)
+    settings = ServeSettings(
+        max_batch_size=1, max_tokens_limit=max_tokens, compile=compiled
+    )  # 2 shapes to warm
     app = app_from_folder(run, settings, dtype=pick_dtype("auto", device), device=device)
     t0 = time.perf_counter()
     with TestClient(app) as client:

@@ -120,9 +120,9 @@ def test_buckets(monkeypatch):
     assert bucket_batch(3, (4, 12)) == 4 and bucket_batch(13, (4, 12)) == 24
     assert [bucket_length(n, 256) for n in (1, 256, 257)] == [256, 256, 512]
     assert serving_buckets(8) == (1, 2, 4, 8) and serving_buckets(3) == (1, 2, 4)
-    assert serving_buckets(100) == (1, 2, 4, 8, 16, 112)
+    assert serving_buckets(100) == (2, 4, 8, 16, 112)  # + the long cache: 6 shapes
     monkeypatch.setattr(decode, "GRAPH_LIMIT", 3)
-    assert graph_limit() == 3 and serving_buckets(100) == (8, 16, 112)  # bounded: the largest kept
+    assert graph_limit() == 3 and serving_buckets(100) == (16, 112)  # bounded: the largest kept
     assert graph_limit() < torch._dynamo.config.recompile_limit
 
 
@@ -139,6 +139,10 @@ def test_shapes_are_bounded_reused_and_frozen_after_warmup():
     assert shapes.pick(4, 600, (4, 768)) is None  # frozen: nothing new, though under the limit or not
     assert shapes.pick(1, 512, (1, 512)) == (4, 512)
     assert "batch 4 x 512-token cache" in shapes.describe()
+    served = DecodeShapes({(1, 1280), (2, 1280), (4, 1280), (8, 4096)}, frozen=True)  # as `serve` warms
+    assert served.pick(1, 900, (1, 1024)) == (1, 1280)  # the short cache for a typical request
+    assert served.pick(2, 2000, (2, 2048)) == (8, 4096)  # a long one: the long cache, filler rows
+    assert served.pick(9, 900, (16, 1024)) is None
 
 
 def test_pad_rows_adds_text_only_filler_rows(processor):
@@ -328,8 +332,9 @@ def test_the_shared_generate_call_uses_the_compiled_path(model, processor, compi
 
 
 def test_the_server_warms_up_to_its_own_limits(model, processor, monkeypatch):
-    """`serve` warms every batch bucket up to --max-batch-size x its longest prompt + max_tokens,
-    and says what it warmed; with compiling off it says so and compiles nothing."""
+    """`serve` warms every batch bucket up to --max-batch-size at a short cache (one photo + the
+    default max_tokens) and the largest bucket at its longest prompt + max_tokens, and says what it
+    warmed; with compiling off it says so and compiles nothing."""
     from productvlm.serving.batching import Engine
 
     asked = []
@@ -338,7 +343,9 @@ def test_the_server_warms_up_to_its_own_limits(model, processor, monkeypatch):
         "compiled decode: off (dynamic KV cache)"
     )
     assert asked == []
-    said = Engine(model, processor, 1, compiled=True).warmup(8, 17_408)
-    (kw,) = asked
-    assert kw["batch_sizes"] == (1, 2, 4, 8) and kw["max_cache_len"] == 17_408 and kw["compiled"]
-    assert said.startswith("compiled decode warmed up in 1s for ") and "dynamic KV cache" in said
+    said = Engine(model, processor, 1, compiled=True).warmup(8, 17_408, typical_tokens=256)
+    short, long = asked
+    assert short["batch_sizes"] == (1, 2, 4, 8) and long["batch_sizes"] == (8,)
+    assert short["max_cache_len"] == processor.num_image_tokens(1344, 1344, 1) + 64 + 256
+    assert long["max_cache_len"] == 17_408 and short["compiled"] and long["compiled"]
+    assert said.startswith("compiled decode warmed up in 2s for ") and "dynamic KV cache" in said

@@ -114,9 +114,10 @@ def bucket_batch(rows: int, buckets: tuple[int, ...] = BATCH_BUCKETS) -> int:
 
 
 def serving_buckets(max_batch: int) -> tuple[int, ...]:
-    """The batch buckets a server of `max_batch` rows warms up: all up to it, the largest kept under the limit."""
+    """The batch buckets a server of `max_batch` rows warms up at its short cache: all up to it, the
+    largest kept when they are too many (one shape stays free for the long cache)."""
     top = bucket_batch(max_batch)
-    return tuple(sorted({b for b in BATCH_BUCKETS if b < top} | {top}))[-graph_limit() :]
+    return tuple(sorted({b for b in BATCH_BUCKETS if b < top} | {top}))[-(graph_limit() - 1) :]
 
 
 def bucket_length(tokens: int, multiple: int = CACHE_MULTIPLE) -> int:

@@ -113,7 +113,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.decode = await batcher.warmup(settings.max_prompt_tokens + settings.max_tokens_limit)
+        longest = settings.max_prompt_tokens + settings.max_tokens_limit
+        app.state.decode = await batcher.warmup(longest, settings.default_max_tokens)
         logging.getLogger("uvicorn.error").info(app.state.decode)
         batcher.start()
         yield
