@@ -215,7 +215,9 @@ def test_warmup_compiles_the_decode_step_once(model, processor, compiled_graphs,
         shapes.compiled.discard((8, 4096))
 
 
-def test_sequences_that_may_cross_the_longrope_switch_take_the_dynamic_path(model, processor, monkeypatch):
+def test_sequences_that_may_cross_the_longrope_switch_take_the_dynamic_path(
+    model, processor, compiled_graphs, monkeypatch
+):
     calls = []
     monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw) or kw["input_ids"])
     inputs = processor(*PROMPTS[0])
@@ -349,3 +351,21 @@ def test_the_server_warms_up_to_its_own_limits(model, processor, monkeypatch):
     assert short["max_cache_len"] == processor.num_image_tokens(1344, 1344, 1) + 64 + 256
     assert long["max_cache_len"] == 17_408 and short["compiled"] and long["compiled"]
     assert said.startswith("compiled decode warmed up in 2s for ") and "dynamic KV cache" in said
+
+
+def test_a_peft_wrapped_model_keeps_its_shapes_and_cache_length_on_the_wrapped_model(
+    tiny_model_dir, processor, monkeypatch
+):
+    """transformers' generate runs on the model inside peft's wrapper: the static cache's length is
+    pinned there (else a longer earlier cache would be reused: a shape never warmed)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = Phi3VForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    wrapped = get_peft_model(base, LoraConfig(r=2, target_modules=["qkv_proj"])).eval()
+    calls = []
+    monkeypatch.setattr(base, "generate", lambda **kw: calls.append(kw) or kw["input_ids"])
+    base._previous_max_cache_length = 4096  # a longer cache made before
+    generate_ids(wrapped, processor(*PROMPTS[0]), 4, True)
+    (call,) = calls
+    assert call["max_cache_len"] == CACHE and base._previous_max_cache_length == CACHE
+    assert decode_shapes(wrapped) is decode_shapes(base) and decode_shapes(base).compiled == {(1, CACHE)}

@@ -95,12 +95,20 @@ class DecodeShapes:
         )
 
 
+def generating_model(model):
+    """The transformers model whose `generate` runs: under a peft wrapper, the wrapped one (it keeps
+    the compiled step and the static cache's length)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
 def decode_shapes(model) -> DecodeShapes:
-    return model.__dict__.setdefault("_productvlm_decode_shapes", DecodeShapes())
+    return generating_model(model).__dict__.setdefault("_productvlm_decode_shapes", DecodeShapes())
 
 
 def forget_compiled(model) -> None:
     """Drop the compiled step and its shapes (frees CUDA graph pools; the next compiled call compiles anew)."""
+    model = generating_model(model)
     model.__dict__.pop("_compiled_call", None)
     model.__dict__.pop("_productvlm_decode_shapes", None)
     model.__dict__.pop("_previous_max_cache_length", None)
@@ -235,7 +243,7 @@ def generate_ids(
 
 def _in_shape(model, shape: tuple[int, int], extra: dict) -> dict:
     # transformers sizes the static cache max(asked, the largest it made before): pin it to the shape
-    model._previous_max_cache_length = shape[1]
+    generating_model(model)._previous_max_cache_length = shape[1]
     return {**extra, "max_cache_len": shape[1]}
 
 
