@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install browser demo test test-slow fuzz bench bench-gpu lint format clean
+.PHONY: install browser demo test test-slow fuzz bench bench-gpu gpu-check lint format clean
 
 install: $(STAMP)
 
@@ -52,6 +52,12 @@ bench: install
 # CUDA it prints why it skipped and exits 0.
 bench-gpu: install
 	$(PY) -m bench.bench_gpu
+
+# Every GPU path once on the full-size model (< 8 min on an H100): memory plan vs peak, stage 1, train +
+# eval, compiled eval/predict, warmed serve, merged export; a table + bench/results/gpu-check-*.json,
+# exit 1 on a failed step; without CUDA it says so and exits 0.
+gpu-check: install
+	$(PY) -m bench.gpu_check
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench

@@ -43,6 +43,8 @@ def measure(model, inputs, new_tokens: int = 64, rounds: int = 7) -> dict:
         "dynamic_ms": ms[False],
         "compiled_ms": ms[True],
         "compile_s": compile_s,
+        "total_s": total,  # fastest generation of 1 + n tokens, by path (False: dynamic)
+        "prefill_s": prefill,  # fastest of 1 token
         "same_tokens": torch.equal(tokens[False], tokens[True]),
     }
 

@@ -197,8 +197,9 @@ def run(
     rows = decode_rows(model, processor, decode_batches, new_tokens, device_name, out_of_time, device)
     if write:
         write_results(rows, device_name)
-    model.__dict__.pop("_compiled_call", None)  # free the CUDA graphs' memory pool before training
-    torch._dynamo.reset()
+    from productvlm.inference.decode import forget_compiled
+
+    forget_compiled(model)  # free the CUDA graphs' memory pool before training
     gc.collect()
     torch.cuda.empty_cache()
     rows += train_rows(model, processor, batch_size, steps, crops, methods, device_name, out_of_time, device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -112,7 +113,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await batcher.warmup(settings.default_max_tokens)
+        longest = settings.max_prompt_tokens + settings.max_tokens_limit
+        app.state.decode = await batcher.warmup(longest, settings.default_max_tokens)
+        logging.getLogger("uvicorn.error").info(app.state.decode)
         batcher.start()
         yield
         await batcher.stop()

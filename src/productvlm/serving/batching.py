@@ -54,20 +54,28 @@ class Engine:
         self.device = next(model.parameters()).device
         self.stops = stop_ids(model, processor)
 
-    def warmup(self, max_batch: int, max_tokens: int) -> float:
-        """Compile the decode step once per batch bucket before the first request (no-op when not
-        compiling); the static cache fits one photo's prompt plus `max_tokens`. Seconds spent."""
-        from productvlm.inference.decode import BATCH_BUCKETS, bucket_batch, warmup
+    def warmup(self, max_batch: int, max_sequence: int, typical_tokens: int = 256) -> str:
+        """Compile the decode step before the first request, for the server's limits, in two caches:
+        a short one (a one-photo prompt + `typical_tokens`) at every batch bucket up to `max_batch`, so
+        that most requests attend over a short cache, and a long one (`max_sequence`: the longest
+        prompt + max_tokens, at most LongRoPE's switch) at the largest bucket. From then on nothing
+        compiles: a request no warm shape holds takes the dynamic cache. Returns what it did, to say at start."""
+        from productvlm.inference.decode import decode_kwargs, decode_shapes, serving_buckets, warmup
 
-        buckets = tuple(b for b in BATCH_BUCKETS if b <= bucket_batch(max_batch))
-        ceiling = self.processor.num_image_tokens(1344, 1344, self.num_crops) + 64 + max_tokens
-        return warmup(
-            self.model,
-            self.processor,
-            batch_sizes=buckets,
-            max_cache_len=ceiling,
-            num_crops=self.num_crops,
-            compiled=self.compiled,
+        if not decode_kwargs(self.model, self.compiled):
+            return "compiled decode: off (dynamic KV cache)"
+        short = self.processor.num_image_tokens(1344, 1344, self.num_crops) + 64 + typical_tokens
+        buckets = serving_buckets(max_batch)
+        kwargs = {"num_crops": self.num_crops, "compiled": self.compiled}
+        seconds = warmup(
+            self.model, self.processor, batch_sizes=buckets, max_cache_len=min(short, max_sequence), **kwargs
+        )
+        seconds += warmup(
+            self.model, self.processor, batch_sizes=buckets[-1:], max_cache_len=max_sequence, **kwargs
+        )
+        return (
+            f"compiled decode warmed up in {seconds:.0f}s for {decode_shapes(self.model).describe()}; a request "
+            "no warm shape holds (a longer prompt + max_tokens) uses the dynamic KV cache: same answers, no compiling"
         )
 
     def prepare(self, prompt: str, images: list) -> Prepared:
@@ -133,10 +141,11 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self._task: asyncio.Task | None = None
 
-    async def warmup(self, max_tokens: int) -> float:
+    async def warmup(self, max_sequence: int, typical_tokens: int) -> str:
         """The engine's decode warm-up, on the thread that will generate (CUDA graph trees are per thread)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.engine.warmup, self.max_batch, max_tokens)
+        warm = self.engine.warmup
+        return await loop.run_in_executor(self._executor, warm, self.max_batch, max_sequence, typical_tokens)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._worker())
