@@ -57,6 +57,37 @@ def metrics_table(metrics: dict[str, Any]) -> Table:
     return table
 
 
+def confidence_table(metrics: dict[str, Any]) -> Table:
+    """Per field: ECE before / after calibration and accuracy of the most confident 50 / 80 / 100%."""
+    block = metrics.get("confidence", {})
+    cal = block.get("calibrated_on", {})
+    table = Table(
+        "field",
+        "ECE raw",
+        "ECE",
+        "[dim]95% CI[/]",
+        "acc. @50%",
+        "acc. @80%",
+        "[dim]95% CI[/]",
+        "acc. @100%",
+        title=f"confidence, calibrated on {cal.get('split')} ({cal.get('rows')} rows)",
+    )
+    for field, b in block.items():
+        if field == "calibrated_on":
+            continue
+        table.add_row(
+            field,
+            _cell(b, None, "ece_raw", True),
+            f"[bold]{_cell(b, None, 'ece', True)}[/]",
+            f"[dim]{_cell(b, None, 'ece', True, ci=True)}[/]",
+            _cell(b, None, "accuracy_at_50", True),
+            f"[bold]{_cell(b, None, 'accuracy_at_80', True)}[/]",
+            f"[dim]{_cell(b, None, 'accuracy_at_80', True, ci=True)}[/]",
+            _cell(b, None, "accuracy_at_100", True),
+        )
+    return table
+
+
 def eval_command(
     model: str = typer.Option(
         ..., "--model", "-m", help="Model folder, run folder (= its final/) or adapter."
@@ -105,6 +136,7 @@ def eval_command(
         compiled=compiled,
     )
     console.print(metrics_table(result.metrics))
+    console.print(confidence_table(result.metrics))
     console.print(
         f"[bold green]done[/] in {result.seconds:.0f}s -> " + ", ".join(str(f) for f in result.files)
     )

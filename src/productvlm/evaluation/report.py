@@ -304,6 +304,52 @@ def _figure(b64: str | None, caption: str, fig_id: str) -> str:
     )
 
 
+def risk_coverage_plot(preds: list[dict[str, Any]]) -> str | None:
+    """Accuracy of the most confident share of rows, per field (one line each; flat = confidence ranks
+    nothing), from each record's calibrated `confidence` and `field_correct`."""
+    from productvlm.prompting.confidence import FIELDS, risk_coverage
+
+    if not preds or "confidence" not in preds[0]:
+        return None
+    fig = Figure(figsize=(5.2, 3.4))
+    ax = fig.add_subplot()
+    for f in FIELDS:
+        curve = risk_coverage([p["confidence"][f] for p in preds], [p["field_correct"][f] for p in preds])
+        ax.plot([100 * c for _, _, c in curve], [100 * a for _, a, _ in curve], label=f)
+    ax.set_xlabel("coverage: most confident % of rows kept")
+    ax.set_ylabel("accuracy of the kept rows (%)")
+    ax.set_xlim(0, 100)
+    ax.legend(loc="lower left")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def confidence_section(metrics: dict[str, Any], preds: list[dict[str, Any]]) -> list[str]:
+    """The report's confidence part: ECE and accuracy at 50 / 80 / 100% coverage, and the plot."""
+    block = metrics.get("confidence")
+    if not block:
+        return []
+    pct = lambda x: "—" if x is None or x != x else f"{100 * x:.1f}%"  # noqa: E731
+    head = (
+        "<tr><th>field</th><th>ECE (raw)</th><th>ECE</th><th>acc. @50%</th><th>@80%</th><th>@100%</th></tr>"
+    )
+    body = "".join(
+        f"<tr><td>{f}</td><td>{pct(b['ece_raw'])}</td><td>{pct(b['ece'])}</td>"
+        f"<td>{pct(b['accuracy_at_50'])}</td><td>{pct(b['accuracy_at_80'])}</td><td>{pct(b['accuracy_at_100'])}</td></tr>"
+        for f, b in block.items()
+        if f != "calibrated_on"
+    )
+    cal = block.get("calibrated_on", {})
+    return [
+        "<h2>Confidence</h2>",
+        f'<table id="confidence">{head}{body}</table>',
+        f"<p class='meta'>Calibrated on the {html.escape(str(cal.get('split')))} split ({cal.get('rows')} rows). "
+        "Right means: category exact, title token F1 ≥ 0.8, price within 10%. acc. @80%: accuracy of the 80% "
+        "of rows with the highest confidence.</p>",
+        f'<div class="plots">{_figure(risk_coverage_plot(preds), "risk-coverage, calibrated confidence", "risk-coverage")}</div>',
+    ]
+
+
 def render(metrics: dict[str, Any], predictions: list[dict[str, Any]], train_log: Path | None = None) -> str:
     price_plots = _figure(
         price_scatter(predictions), "log scale; band: within 10%", "price-scatter"
@@ -328,6 +374,7 @@ def render(metrics: dict[str, Any], predictions: list[dict[str, Any]], train_log
         f'<div class="plots">{_figure(confusion(predictions), "counts; (none): no category parsed", "confusion")}</div>',
         "<h2>Per category</h2>",
         per_category_table(predictions),
+        *confidence_section(metrics, predictions),
     ]
     if curves:
         sections += [

@@ -12,7 +12,7 @@ from productvlm.inference.device import pick_device, pick_dtype
 from productvlm.inference.generate import Generated, generate_answers, generate_batch
 from productvlm.inference.inputs import prepare
 from productvlm.models.loading import load_pretrained, resolve_model_dir
-from productvlm.prompting.confidence import Calibration, field_scores, load_calibration
+from productvlm.prompting.confidence import Calibration, field_correct, field_scores, load_calibration
 from productvlm.prompting.constrained import AnswerConstraint, known_choices
 from productvlm.prompting.settings import load_prompt_settings
 
@@ -93,6 +93,24 @@ class Predictor:
         )
         self.model.train(was_training)
         return out
+
+    def calibrate(
+        self,
+        rows: Sequence[dict[str, Any]],
+        batch_size: int = 8,
+        progress: bool = True,
+        answers: Sequence[Generated] | None = None,
+        **info: Any,
+    ) -> Calibration:
+        """Fit the per-field calibration on catalog rows with their truth (the validation split; their
+        `answers` when already generated with log-probabilities), use it from now on and return it
+        (`Calibration.save(model_dir)` keeps it beside the weights)."""
+        if answers is None:
+            answers = self.answers(rows, batch_size, progress, what="calibrating", with_logprobs=True)
+        scores = [field_scores(a.text, a.logprobs, a.ends) for a in answers]
+        correct = [field_correct(a.text, r) for a, r in zip(answers, rows)]
+        self.calibration = Calibration.fit(scores, correct, constrained=self.constraint is not None, **info)
+        return self.calibration
 
     def confidence(self, answer: Generated) -> dict[str, float]:
         """Per-field confidence of an answer generated with log-probabilities: calibrated when the

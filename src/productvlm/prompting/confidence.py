@@ -190,6 +190,7 @@ class Calibration:
     split: str = "validation"
     data: str = ""
     rows: int = 0
+    constrained: bool = False  # fitted on answers decoded with --constrained (their scores differ)
 
     def __call__(self, scores: dict[str, float]) -> dict[str, float]:
         return {
@@ -218,6 +219,7 @@ class Calibration:
             "split": self.split,
             "data": self.data,
             "rows": self.rows,
+            "constrained": self.constrained,
             "correct_means": {
                 "title": f"token F1 >= {TITLE_F1_OK}",
                 "category": "exact",
@@ -243,13 +245,8 @@ def load_calibration(model_dir: str | Path) -> Calibration | None:
     try:
         body = json.loads(path.read_text(encoding="utf-8"))
         calibrators = {f: Calibrator(**c) for f, c in body["fields"].items()}
-        return Calibration(
-            calibrators,
-            body.get("curves", {}),
-            body.get("split", ""),
-            body.get("data", ""),
-            body.get("rows", 0),
-        )
+        info = {k: body[k] for k in ("split", "data", "rows", "constrained") if k in body}
+        return Calibration(calibrators, body.get("curves", {}), **info)
     except (ValueError, TypeError, KeyError) as e:
         raise UserError(
             f"{path}: not a calibration file ({e}); run `productvlm eval` again or delete it"
