@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
-from faultserver import ImageServer
 from PIL import Image
 from typer.testing import CliRunner
 
+from faultserver import ImageServer
 from productvlm.errors import UserError
 from productvlm.evaluation.cli import predict_command
 from productvlm.evaluation.predict import COLUMNS
