@@ -219,3 +219,33 @@ def test_two_torchrun_processes_write_what_one_writes(reference, catalog, tiny_m
     done = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert read_jsonl(out) == reference
+
+
+@pytest.mark.slow
+def test_20000_rows_two_processes_killed_and_resumed_equal_one_process(tiny_model_dir, tmp_path):
+    """20,000 rows: one process as the reference; two torchrun processes killed with SIGKILL (launcher and
+    workers) mid-run, then rerun: the merged output equals the reference row for row, every id once."""
+    table = make_catalog(tmp_path / "big", 20_000)
+    args = ["--model", str(tiny_model_dir), "--input", str(table), "--chunk-rows", "500", "-b", "64"]
+    args += ["--num-crops", "1", "--max-new-tokens", "1", "--device", "cpu", "--dtype", "float32"]
+    one = tmp_path / "one.jsonl"
+    single = [sys.executable, "-m", "productvlm", "predict", *args, "--output", str(one)]
+    done = subprocess.run(single, env=env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two, parts = tmp_path / "two.jsonl", tmp_path / "two.jsonl.parts"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command = [*torchrun, "-m", "productvlm", "predict", *args, "--output", str(two)]
+    proc = subprocess.Popen(
+        command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 600
+    while len(list(parts.glob("0*.jsonl"))) < 10 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not two.exists() and 10 <= len(list(parts.glob("0*.jsonl"))) < 40
+    done = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference, resumed = read_jsonl(one), read_jsonl(two)
+    assert [r["id"] for r in resumed] == [f"SKU{i:05d}" for i in range(20_000)]
+    assert resumed == reference
