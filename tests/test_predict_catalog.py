@@ -249,3 +249,13 @@ def test_20000_rows_two_processes_killed_and_resumed_equal_one_process(tiny_mode
     reference, resumed = read_jsonl(one), read_jsonl(two)
     assert [r["id"] for r in resumed] == [f"SKU{i:05d}" for i in range(20_000)]
     assert resumed == reference
+
+
+def test_review_threshold_from_the_command_line(tiny_model_dir, tmp_path):
+    table = make_catalog(tmp_path / "cat", 6, {5: "photos/none.jpg"})
+    invoke(
+        "--model", tiny_model_dir, "--input", table, "-o", tmp_path / "all.jsonl", "--review-below", 0, *FAST
+    )
+    assert [r["needs_review"] for r in read_jsonl(tmp_path / "all.jsonl")] == [False] * 5 + [True]
+    with pytest.raises(UserError, match="needs a calibrated model"):
+        invoke("--model", tiny_model_dir, "--input", table, "--target-accuracy", 0.9, *FAST)

@@ -226,6 +226,8 @@ def predict_chunk(
         except UserError:
             raise
         except (ValueError, RuntimeError) as e:  # one photo the processor cannot take: find it alone
+            if "out of memory" in str(e):
+                raise  # the batch is too large for the device, not a bad photo
             if len(idx) == 1:
                 generated = [f"cannot predict: {type(e).__name__}: {e}"]
             else:
