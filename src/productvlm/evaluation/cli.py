@@ -234,6 +234,8 @@ def predict_command(
             "[yellow]the model has no calibration.json: confidences are raw token scores[/] "
             "(`productvlm eval` calibrates it on the validation split)"
         )
+    elif predictor.calibration is not None and predictor.calibration.constrained and ranks.main:
+        console.print("[yellow]calibration.json was fitted on --constrained answers; predict decodes freely[/]")
     thresholds = review_thresholds(predictor.calibration, review_below, target_accuracy)
     identity = {
         "source": source,
