@@ -1,9 +1,10 @@
 """`predict` over a folder of photos: one process vs two (torchrun, gloo, CPU), and what confidence costs.
 
 1. The bench catalog's train split through the real command (`python -m productvlm predict --data ...
-   --output`), once as one process at torch's default threads and once as two torchrun processes of
-   one thread each; photos/s is the command's own summary (generation loop, model load excluded), and
-   the two outputs must be equal row for row.
+   --output`), once as one process and once as two torchrun processes, one thread each (on these
+   shared 2-core machines torch's default of one thread per core thrashes under other users' load:
+   3.6 photos/s against 59 for two one-thread processes in one run); photos/s is the command's own
+   summary (generation loop, model load excluded), and the two outputs must be equal row for row.
 2. The overhead of confidence: the same batches through `inference.generate.generate_batch` with and
    without token log-probabilities (+ the per-field scores), best of `rounds`, in turn.
 """
@@ -87,12 +88,15 @@ def confidence_overhead(
                 [field_scores(a.text, a.logprobs, a.ends) for a in answers]
         return time.perf_counter() - start
 
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the processes above
     with torch.no_grad():
         once(False)  # warm-up
         best = {False: float("inf"), True: float("inf")}
         for _ in range(rounds):
             for scored in (False, True):
                 best[scored] = min(best[scored], once(scored))
+    torch.set_num_threads(previous)
     return best[False], best[True], len(rows)
 
 
@@ -109,7 +113,7 @@ def run(rows: int = 200, max_new_tokens: int = 16, batch_size: int = 16, rounds:
             "predict a folder: 2 torchrun processes (gloo, 1 thread each)",
             two,
             "photos/s",
-            "one process, default threads",
+            "one process, 1 thread",
             one,
             "> 1x",
             f"{n} photos of the bench catalog's train split, tiny model, num_crops 1, {max_new_tokens} new "

@@ -235,7 +235,9 @@ def predict_command(
             "(`productvlm eval` calibrates it on the validation split)"
         )
     elif predictor.calibration is not None and predictor.calibration.constrained and ranks.main:
-        console.print("[yellow]calibration.json was fitted on --constrained answers; predict decodes freely[/]")
+        console.print(
+            "[yellow]calibration.json was fitted on --constrained answers; predict decodes freely[/]"
+        )
     thresholds = review_thresholds(predictor.calibration, review_below, target_accuracy)
     identity = {
         "source": source,
