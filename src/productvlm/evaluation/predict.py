@@ -289,8 +289,8 @@ def merge_parts(parts: Path, n_chunks: int, out: Path) -> dict[str, int]:
         raise UserError(f"{parts}: parts {missing[:5]} are missing; rerun the same command to make them")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     counts = {"rows": 0, "failed": 0, "review": 0}
-    writer = None
     with open(tmp, "w" if fmt != ".parquet" else "wb", **({"newline": ""} if fmt == ".csv" else {})) as f:
+        writer = _csv_writer(f) if fmt == ".csv" else None  # the header even without rows
         for k in range(n_chunks):
             rows = part_rows(parts, k)
             counts["rows"] += len(rows)
@@ -299,7 +299,6 @@ def merge_parts(parts: Path, n_chunks: int, out: Path) -> dict[str, int]:
             if fmt == ".jsonl":
                 f.write(_jsonl(rows))
             elif fmt == ".csv":
-                writer = writer or _csv_writer(f)
                 writer.writerows(rows)
             else:
                 writer = writer or _parquet_writer(f)

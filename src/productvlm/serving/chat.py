@@ -8,6 +8,7 @@ prompt's text gives exactly the prompt the model was trained on.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -112,6 +113,7 @@ def _entry(text: str, logprob: float) -> dict:
     return {"token": text, "logprob": float(logprob), "bytes": list(text.encode("utf-8"))}
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _alone(tokenizer, token_id: int) -> str:
     """A token's text as it reads after other text (decoding it after an anchor token keeps the leading
     space a lone decode would strip)."""
