@@ -8,10 +8,10 @@ prompt's text gives exactly the prompt the model was trained on.
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -113,12 +113,19 @@ def _entry(text: str, logprob: float) -> dict:
     return {"token": text, "logprob": float(logprob), "bytes": list(text.encode("utf-8"))}
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _alone(tokenizer, token_id: int) -> str:
-    """A token's text as it reads after other text (decoding it after an anchor token keeps the leading
-    space a lone decode would strip)."""
+def _alone(tokenizer) -> Callable[[int], str]:
+    """token id -> its text as it reads after other text (decoded after an anchor token, which keeps the
+    leading space a lone decode would strip), remembered for the rest of the answer."""
     anchor = tokenizer("a", add_special_tokens=False).input_ids[-1]
-    return tokenizer.decode([anchor, int(token_id)])[len(tokenizer.decode([anchor])) :]
+    head = len(tokenizer.decode([anchor]))
+    seen: dict[int, str] = {}
+
+    def text(token_id: int) -> str:
+        if token_id not in seen:
+            seen[token_id] = tokenizer.decode([anchor, int(token_id)])[head:]
+        return seen[token_id]
+
+    return text
 
 
 def choice_logprobs(tokenizer, tokens: list[int], logprobs: list[float], top: list) -> dict:
@@ -127,11 +134,11 @@ def choice_logprobs(tokenizer, tokens: list[int], logprobs: list[float], top: li
     from productvlm.inference.generate import token_ends
 
     ends = token_ends(tokenizer, tokens)
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    text, alone = tokenizer.decode(tokens, skip_special_tokens=True), _alone(tokenizer)
     content = []
     for k, (logprob, alternatives) in enumerate(zip(logprobs, top)):
         entry = _entry(text[ends[k - 1] if k else 0 : ends[k]], logprob)
-        entry["top_logprobs"] = [_entry(_alone(tokenizer, i), lp) for i, lp in alternatives]
+        entry["top_logprobs"] = [_entry(alone(i), lp) for i, lp in alternatives]
         content.append(entry)
     return {"content": content, "refusal": None}
 
