@@ -215,12 +215,12 @@ def eval_and_predict(run: Path, data: Path, out: Path, rows: int, tokens: int, c
     from torch._dynamo.utils import counters
 
     from productvlm.evaluation.predict import predict
-    from productvlm.evaluation.run import evaluate_model, load_rows
+    from productvlm.evaluation.run import load_rows, run_eval
     from productvlm.inference.decode import decode_shapes
     from productvlm.inference.predictor import Predictor
 
     before = counters["stats"]["unique_graphs"]
-    result = evaluate_model(
+    result = run_eval(
         run,
         data,
         "test",

@@ -10,11 +10,12 @@ from typer.testing import CliRunner
 from productvlm.data.folder import read_split
 from productvlm.errors import UserError
 from productvlm.evaluation.cli import predict_command
+from productvlm.evaluation.predict import COLUMNS
 
 app = typer.Typer()
 app.command("predict")(predict_command)
 app.command("noop")(lambda: None)  # two commands, so the verb is spelled out as with the main app
-FIELDS = {"file", "title", "category", "price", "raw"}
+FIELDS = set(COLUMNS)
 
 
 def invoke(*args):
@@ -27,7 +28,7 @@ def test_predict_images_to_stdout(eval_run, eval_catalog):
     result = invoke(*images, "--model", eval_run, "--batch-size", 2)
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert [r["file"] for r in records] == images
+    assert [r["id"] for r in records] == images
     assert all(set(r) == FIELDS and isinstance(r["raw"], str) for r in records)
 
 
@@ -42,7 +43,8 @@ def test_predict_csv_with_relative_paths_to_file(eval_run, eval_catalog, tmp_pat
     result = invoke("--model", eval_run / "final", "--input", table, "--column", "photo", "--output", out)
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["file"] for r in records] == [str(table.parent / r["file_name"]) for r in rows]
+    assert [r["image"] for r in records] == [r["file_name"] for r in rows]
+    assert [r["id"] for r in records] == [str(r["product_code"]) for r in rows]
     assert all(set(r) == FIELDS for r in records)
 
 
@@ -58,7 +60,7 @@ def test_predict_matches_eval_generation(eval_run, eval_catalog, tmp_path):
     result = invoke(*images, "--model", eval_run, "-b", 1)
     assert result.exit_code == 0, result.output
     predicted = [json.loads(x) for x in result.stdout.splitlines() if x[:1] == "{"]
-    assert [r["file"] for r in predicted] == images
+    assert [r["id"] for r in predicted] == images
     assert [r["raw"] for r in predicted] == [p["raw"] for p in evaluated.predictions]
 
 
@@ -66,7 +68,7 @@ def test_predict_matches_eval_generation(eval_run, eval_catalog, tmp_path):
     "args, message",
     [
         (["--column", "nope"], "no column 'nope'"),
-        ([], "no column 'image'"),
+        ([], "no column 'image'"),  # nor imageurl, image_url or file_name
     ],
 )
 def test_predict_csv_errors_name_the_column(eval_run, tmp_path, args, message):
@@ -77,10 +79,10 @@ def test_predict_csv_errors_name_the_column(eval_run, tmp_path, args, message):
 
 
 def test_predict_errors(eval_run, tmp_path):
-    missing = invoke(tmp_path / "nope.jpg", "--model", eval_run)
-    assert isinstance(missing.exception, UserError) and "nope.jpg: no such file" in str(missing.exception)
     (tmp_path / "bad.jpg").write_text("not an image")
-    bad = invoke(tmp_path / "bad.jpg", "--model", eval_run)
-    assert isinstance(bad.exception, UserError) and "not a supported image" in str(bad.exception)
+    rows = invoke(tmp_path / "nope.jpg", tmp_path / "bad.jpg", "--model", eval_run)
+    errors = [json.loads(x)["error"] for x in rows.stdout.splitlines() if x[:1] == "{"]
+    assert "no such file" in errors[0] and "nope.jpg" in errors[0]
+    assert "not a supported image" in errors[1]
     neither = invoke("--model", eval_run)
-    assert isinstance(neither.exception, UserError) and "one of the two" in str(neither.exception)
+    assert isinstance(neither.exception, UserError) and "one of the three" in str(neither.exception)

@@ -123,7 +123,7 @@ def test_run_folder_and_final_model(data_dir, tmp_path):
     model = Phi3VForCausalLM.from_pretrained(result.final_dir)
     assert model.config.model_type == "phi3_v"
     assert model.config.use_cache  # Trainer turns the cache off for training; the final model has it back
-    assert {"tokenizer.json", "preprocessor_config.json", "config.json"} <= {
+    assert {"tokenizer.json", "preprocessor_config.json", "config.json", "calibration.json"} <= {
         p.name for p in result.final_dir.iterdir()
     }
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +57,37 @@ def metrics_table(metrics: dict[str, Any]) -> Table:
     return table
 
 
+def confidence_table(metrics: dict[str, Any]) -> Table:
+    """Per field: ECE before / after calibration and accuracy of the most confident 50 / 80 / 100%."""
+    block = metrics.get("confidence", {})
+    cal = block.get("calibrated_on", {})
+    table = Table(
+        "field",
+        "ECE raw",
+        "ECE",
+        "[dim]95% CI[/]",
+        "acc. @50%",
+        "acc. @80%",
+        "[dim]95% CI[/]",
+        "acc. @100%",
+        title=f"confidence, calibrated on {cal.get('split')} ({cal.get('rows')} rows)",
+    )
+    for field, b in block.items():
+        if field == "calibrated_on":
+            continue
+        table.add_row(
+            field,
+            _cell(b, None, "ece_raw", True),
+            f"[bold]{_cell(b, None, 'ece', True)}[/]",
+            f"[dim]{_cell(b, None, 'ece', True, ci=True)}[/]",
+            _cell(b, None, "accuracy_at_50", True),
+            f"[bold]{_cell(b, None, 'accuracy_at_80', True)}[/]",
+            f"[dim]{_cell(b, None, 'accuracy_at_80', True, ci=True)}[/]",
+            _cell(b, None, "accuracy_at_100", True),
+        )
+    return table
+
+
 def eval_command(
     model: str = typer.Option(
         ..., "--model", "-m", help="Model folder, run folder (= its final/) or adapter."
@@ -107,6 +136,7 @@ def eval_command(
         compiled=compiled,
     )
     console.print(metrics_table(result.metrics))
+    console.print(confidence_table(result.metrics))
     console.print(
         f"[bold green]done[/] in {result.seconds:.0f}s -> " + ", ".join(str(f) for f in result.files)
     )
@@ -117,10 +147,44 @@ def predict_command(
     model: str = typer.Option(
         ..., "--model", "-m", help="Model folder, run folder (= its final/) or adapter."
     ),
-    input_csv: Path | None = typer.Option(None, "--input", "-i", help="CSV with a column of image paths."),
-    column: str = typer.Option("image", "--column", help="The CSV column holding the image paths."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="JSON lines file (default: stdout)."),
+    input_table: str | None = typer.Option(
+        None,
+        "--input",
+        "-i",
+        help="A table with image paths or http(s) URLs: CSV, TSV, Parquet, JSON lines, or a hub dataset id.",
+    ),
+    column: str | None = typer.Option(
+        None, "--column", help="The table's image column (default: image, imageurl, image_url or file_name)."
+    ),
+    id_column: str | None = typer.Option(
+        None,
+        "--id-column",
+        help="The table's id column (default: id, product_code or sku, else the row number).",
+    ),
+    hub_split: str = typer.Option("train", "--hub-split", help="Split of a hub dataset given as --input."),
+    data: Path | None = typer.Option(None, "--data", "-d", help="A dataset folder (with --split)."),
+    split: str = typer.Option("test", "--split", help="The dataset folder's split."),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help=".jsonl, .csv or .parquet; resumable (default: JSON lines on stdout)."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
+    chunk_rows: int = typer.Option(
+        256, "--chunk-rows", min=1, help="Rows per part file (the unit of resuming and of sharding)."
+    ),
+    review_below: float | None = typer.Option(
+        None,
+        "--review-below",
+        min=0.0,
+        max=1.0,
+        help="needs_review when a field's confidence is below P (0.5).",
+    ),
+    target_accuracy: float | None = typer.Option(
+        None,
+        "--target-accuracy",
+        min=0.0,
+        max=1.0,
+        help="needs_review below the threshold at which each field's accepted validation rows reach A.",
+    ),
     num_crops: int | None = typer.Option(None, "--num-crops", min=1, max=16, help="Default: as trained."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
     device: str = typer.Option("auto", "--device"),
@@ -132,27 +196,65 @@ def predict_command(
         show_default=False,
     ),
 ) -> None:
-    """Catalog entries for product photos: one JSON object per image (file, title, category, price, raw)."""
-    from productvlm.evaluation.predict import check_images, predict, read_image_csv
+    """Catalog entries for product photos: one row per input (id, image, title, category, price, per-field
+    confidence, needs_review, raw, error). Several processes: `torchrun --nproc-per-node N -m productvlm
+    predict ... --output FILE` (README, "Predict a whole catalog")."""
+    from productvlm.evaluation.predict import (
+        dataset_items,
+        file_items,
+        launched_ranks,
+        predict_catalog,
+        table_items,
+    )
     from productvlm.inference.predictor import Predictor
+    from productvlm.prompting.confidence import review_thresholds
 
-    if bool(images) == bool(input_csv):
-        raise UserError("give image files or --input FILE.csv (one of the two)")
-    if input_csv is not None:
-        paths = read_image_csv(input_csv, column)
-        check_images(paths, where=str(input_csv))
+    if sum(x is not None and x != [] for x in (images, input_table, data)) != 1:
+        raise UserError("give image files, --input TABLE or --data DIR (one of the three)")
+    if review_below is not None and target_accuracy is not None:
+        raise UserError("give --review-below or --target-accuracy, not both")
+    if images:
+        items = lambda: file_items(images)  # noqa: E731
+        source = [str(Path(p).resolve()) for p in images]
+    elif input_table is not None:
+        items = lambda: table_items(input_table, column, id_column, hub_split)  # noqa: E731
+        source = {"table": input_table, "column": column, "id_column": id_column, "hub_split": hub_split}
     else:
-        paths = [str(p) for p in images]
-        check_images(paths)
-    predictor = Predictor(model, num_crops, device, dtype, max_new_tokens, compiled)
-    records = predict(predictor, paths, batch_size, progress=True)
-    lines = "".join(json.dumps(r) + "\n" for r in records)
-    if output is None:
-        sys.stdout.write(lines)
-        sys.stdout.flush()
-        return
-    from productvlm.evaluation.run import write_atomic
+        items = lambda: dataset_items(data, split)  # noqa: E731
+        source = {"data": str(data.resolve()), "split": split}
+    next(items(), None)  # a bad source or column fails here, before the model loads
+    ranks = launched_ranks(device)
+    if ranks.world > 1 and device == "auto":
+        from accelerate import PartialState
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(output, lines)
-    console.print(f"[bold green]done[/] {len(records)} predictions -> {output}")
+        device = str(PartialState().device)
+    predictor = Predictor(model, num_crops, device, dtype, max_new_tokens, compiled)
+    if predictor.calibration is None and ranks.main:
+        console.print(
+            "[yellow]the model has no calibration.json: confidences are raw token scores[/] "
+            "(`productvlm eval` calibrates it on the validation split)"
+        )
+    elif predictor.calibration is not None and predictor.calibration.constrained and ranks.main:
+        console.print(
+            "[yellow]calibration.json was fitted on --constrained answers; predict decodes freely[/]"
+        )
+    thresholds = review_thresholds(predictor.calibration, review_below, target_accuracy)
+    identity = {
+        "source": source,
+        "model": str(predictor.model_dir),
+        "num_crops": predictor.num_crops,
+        "max_new_tokens": max_new_tokens,
+        "chunk_rows": chunk_rows,
+        "thresholds": thresholds,
+    }
+    total = None if input_table is not None and not Path(input_table).exists() else sum(1 for _ in items())
+    summary = predict_catalog(
+        predictor, items, output, identity, thresholds, batch_size, chunk_rows, ranks, total=total
+    )
+    if ranks.main:
+        share = summary.review / summary.rows if summary.rows else 0.0
+        console.print(
+            f"[bold green]done[/] {summary.rows:,} rows ({summary.failed:,} failed, {share:.1%} sent to review), "
+            f"{summary.predicted:,} predicted now at {summary.photos_per_s:.1f} photos/s"
+            + (f" -> {output}" if output else "")
+        )

@@ -131,6 +131,37 @@ def training_curves(log: Path | None) -> Figure | None:
     return fig
 
 
+def risk_coverage_plot(preds: list[dict[str, Any]]) -> Figure | None:
+    """Accuracy of the most confident share of rows, per field (one line each; flat = confidence ranks
+    nothing), from each record's calibrated `confidence` and `field_correct`."""
+    from productvlm.prompting.confidence import FIELDS, risk_coverage
+
+    if not preds or "confidence" not in preds[0]:
+        return None
+    fig = Figure(figsize=(5.2, 3.4))
+    ax = fig.add_subplot()
+    for f in FIELDS:
+        curve = risk_coverage([p["confidence"][f] for p in preds], [p["field_correct"][f] for p in preds])
+        ax.plot([100 * c for _, _, c in curve], [100 * a for _, a, _ in curve], label=f)
+    ax.set_xlabel("coverage: most confident % of rows kept")
+    ax.set_ylabel("accuracy of the kept rows (%)")
+    ax.set_xlim(0, 100)
+    ax.legend(loc="lower left")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def confidence_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
+    """The confidence table: per field, ECE before/after calibration and accuracy at 50 / 80 / 100% coverage."""
+    block = metrics.get("confidence") or {}
+    keys = ("ece_raw", "ece", "accuracy_at_50", "accuracy_at_80", "accuracy_at_100")
+    return [
+        {"field": f, **{k: _fmt(b.get(k), True) for k in keys}}
+        for f, b in block.items()
+        if f != "calibrated_on"
+    ]
+
+
 def figure_sections(
     predictions: list[dict[str, Any]], train_log: Path | None = None
 ) -> dict[str, list[PageFigure]]:
@@ -142,6 +173,9 @@ def figure_sections(
             PageFigure("error-hist", "signed error of answers with a price", error_histogram(predictions)),
         ],
         "Category": [PageFigure("confusion", "counts; (none): no category parsed", confusion(predictions))],
+        "Confidence": [
+            PageFigure("risk-coverage", "risk-coverage, calibrated confidence", risk_coverage_plot(predictions))
+        ],
         "Training": [PageFigure("curves", str(train_log), training_curves(train_log))],
     }
     shown = {title: [f for f in figures if f.picture is not None] for title, figures in sections.items()}
@@ -293,6 +327,8 @@ def render(metrics: dict[str, Any], predictions: list[dict[str, Any]], train_log
             for c in per_category(predictions)
         ],  # fmt: skip
         worst=worst(predictions),
+        confidence=confidence_rows(metrics),
+        calibrated_on=(metrics.get("confidence") or {}).get("calibrated_on") or {},
     )
 
 

@@ -16,10 +16,18 @@ from productvlm.errors import UserError
 from productvlm.evaluation import report
 from productvlm.inference.predictor import Predictor
 from productvlm.models.eval_records import eval_dir
+from productvlm.prompting.confidence import (
+    FIELDS,
+    confidence_report,
+    expected_calibration_error,
+    field_correct,
+    field_scores,
+)
 from productvlm.prompting.metrics import evaluate, token_f1, truth
 from productvlm.prompting.parse import parse_answer
 
 METRICS, PREDICTIONS, REPORT = "metrics.json", "predictions.jsonl", "report.html"
+CALIBRATION_COPY = "calibration.json"
 
 
 @dataclass
@@ -64,6 +72,34 @@ def prediction_record(row: dict[str, Any], raw: str) -> dict[str, Any]:
     }
 
 
+def calibrate(predictor: Predictor, data: Path, batch_size: int, progress: bool, evaluated=None) -> None:
+    """Fit the confidence calibration on the validation split unless the model already has one made the
+    same way (or `evaluated` = (rows, answers) of the validation split itself); saved beside the weights."""
+    constrained = predictor.constraint is not None
+    if evaluated is None and predictor.calibration and predictor.calibration.constrained == constrained:
+        return
+    rows, answers = evaluated or (read_split(data, "validation"), None)
+    if not rows:
+        raise UserError(f"{data}: the validation split has no rows; confidence calibration needs it")
+    predictor.calibrate(rows, batch_size, progress, answers, data=str(data))
+    if isinstance(predictor.model_dir, Path):
+        predictor.calibration.save(predictor.model_dir)
+
+
+def confidence_metrics(records: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    """Per field: ECE before and after calibration, accuracy at 50 / 80 / 100% coverage (95% CIs)."""
+    out = {}
+    for f in FIELDS:
+        conf = [r["confidence"][f] for r in records]
+        correct = [r["field_correct"][f] for r in records]
+        raw = [r["confidence_raw"][f] for r in records]
+        out[f] = {
+            **confidence_report(conf, correct, seed),
+            "ece_raw": expected_calibration_error(raw, correct),
+        }
+    return out
+
+
 def load_rows(data: Path, split: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     rows = read_split(data, split)
     if not rows:
@@ -97,7 +133,12 @@ def run_eval(
     predictor = Predictor(model, num_crops, device, dtype, max_new_tokens, compiled)
     if constrained:
         predictor.constrain(train_rows)
-    answers = predictor.answers(rows, batch_size, progress, what=f"eval {split}")
+    if split != "validation":
+        calibrate(predictor, data, batch_size, progress)
+    generated = predictor.answers(rows, batch_size, progress, what=f"eval {split}", with_logprobs=True)
+    if split == "validation":
+        calibrate(predictor, data, batch_size, progress, (rows, generated))
+    answers = [g.text for g in generated]
     metrics = evaluate(rows, answers, train_rows, ci=True, seed=seed)
     metrics = {
         "split": split,
@@ -110,6 +151,15 @@ def run_eval(
         "seed": seed,
     }
     records = [prediction_record(r, a) for r, a in zip(rows, answers)]
+    for record, row, g in zip(records, rows, generated):
+        raw = field_scores(g.text, g.logprobs, g.ends)
+        record["confidence_raw"], record["confidence"] = raw, predictor.calibration(raw)
+        record["field_correct"] = field_correct(g.text, row)
+    calibration = predictor.calibration
+    metrics["confidence"] = {
+        **confidence_metrics(records, seed),
+        "calibrated_on": {"split": calibration.split, "rows": calibration.rows, "data": calibration.data},
+    }
     out_dir = Path(out) if out is not None else default_out_dir(predictor.model_dir, split)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / METRICS, json.dumps(metrics, indent=2) + "\n")

@@ -33,6 +33,7 @@ from productvlm.models.loading import (
     load_pretrained,
     resolve_model_dir,
 )
+from productvlm.prompting.confidence import CALIBRATION_FILE
 from productvlm.prompting.settings import load_prompt_settings
 from productvlm.run_folder import find_run
 
@@ -100,6 +101,8 @@ def export_model(
         _officialize_config(tmp / "config.json", EXPORT_DTYPES[dtype], hub_code_repo(base))
         _officialize_processor(tmp, hub_code_repo(base), net.config.max_position_embeddings)
         load_prompt_settings(source).save(tmp)
+        if isinstance(source, Path) and (source / CALIBRATION_FILE).is_file():  # the confidence calibration
+            shutil.copy2(source / CALIBRATION_FILE, tmp / CALIBRATION_FILE)
         write_model_card(tmp / "README.md", source, out.name, EXPORT_DTYPES[dtype], base)
         _carry_evaluation(tmp / CARRIED, source)
         _replace(tmp, out)

@@ -42,24 +42,34 @@ def _clean(value: str) -> str | None:
     return value or None
 
 
-def parse_answer(text: str) -> Answer:
-    """Fields found in `text`; the first occurrence of each label wins; a missing field is None."""
+def field_spans(text: str) -> dict[str, tuple[int, int]]:
+    """Where each field's value sits in `text`: name -> (start, end), stripped as the parser strips it.
+    The first occurrence of each label wins; a missing field is absent."""
     if not isinstance(text, str):
-        return Answer()
+        return {}
     labels = list(_LABEL_RE.finditer(text))
-    fields: dict[str, str] = {}
+    spans: dict[str, tuple[int, int]] = {}
     for i, m in enumerate(labels):
         name = _LABELS[m.group(1).lower()]
-        end = labels[i + 1].start() if i + 1 < len(labels) else len(text)
-        value = text[m.end() : end]
-        if i + 1 == len(labels):
-            value = value.split("\n", 1)[0]  # trailing chatter after the last field
-        if name not in fields:
-            fields[name] = value
+        start, end = m.end(), labels[i + 1].start() if i + 1 < len(labels) else len(text)
+        if i + 1 == len(labels) and "\n" in text[start:end]:
+            end = text.index("\n", start)  # trailing chatter after the last field
+        while start < end and text[start].isspace():
+            start += 1
+        for strip in (str.isspace, lambda c: c in ",;", str.isspace):  # as _clean: strip, rstrip(",;"), strip
+            while end > start and strip(text[end - 1]):
+                end -= 1
+        spans.setdefault(name, (start, end))
+    return spans
+
+
+def parse_answer(text: str) -> Answer:
+    """Fields found in `text`; the first occurrence of each label wins; a missing field is None."""
+    fields = {name: text[a:b] for name, (a, b) in field_spans(text).items()}
     title = _clean(fields.get("title", ""))
     category = _clean(fields.get("category", ""))
     price = find_price(fields["price"]) if "price" in fields else None
     return Answer(title=title, category=category.upper() if category else None, price=price)
 
 
-__all__ = ["Answer", "parse_answer"]
+__all__ = ["Answer", "parse_answer", "field_spans"]

@@ -19,12 +19,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from productvlm.prompting.parse import parse_answer
 from productvlm.prompting.settings import PromptSettings
 from productvlm.serving.auth import APIKeyMiddleware
 from productvlm.serving.batching import Batcher, Engine, Sampling
 from productvlm.serving.chat import (
     ChatRequest,
+    catalog_body,
+    choice_logprobs,
     chunk_event,
     completion_body,
     completion_id,
@@ -94,6 +95,7 @@ def create_app(
     settings: ServeSettings | None = None,
     address_allowed: Callable[[str], bool] = is_public,
     model_info: dict | None = None,
+    calibration=None,
 ) -> FastAPI:
     """The app around a loaded model. `trained` = load_prompt_settings(model_dir) (prompt, num_crops).
     `model_info` = models.eval_records.model_summary(model_dir) (last evaluation, currency) for the page."""
@@ -197,13 +199,16 @@ def create_app(
         images = [await load_image(url, f"image {k + 1}") for k, url in enumerate(urls)]
         prepared = await prepare(prompt_text, images)
         sampling = Sampling(req.temperature, req.top_p if req.temperature > 0 else 1.0)
-        cid, name = completion_id(), settings.model_name
+        cid, name, logprobs = completion_id(), settings.model_name, req.logprobs_wanted()
         if not req.stream:
-            done = await batcher.submit(prepared, max_tokens, sampling)
-            body = completion_body(
-                cid, name, done.text, done.finish_reason, usage(done.prompt_tokens, done.completion_tokens)
+            done = await batcher.submit(prepared, max_tokens, sampling, logprobs=logprobs)
+            tokens = done.prompt_tokens, done.completion_tokens
+            lp = (
+                None
+                if logprobs is None
+                else choice_logprobs(processor.tokenizer, done.tokens, done.logprobs, done.top)
             )
-            return body
+            return completion_body(cid, name, done.text, done.finish_reason, usage(*tokens), lp)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[str | None] = asyncio.Queue()
@@ -223,9 +228,8 @@ def create_app(
         data = await file.read()
         image = await run_in_threadpool(decode_image, data, settings.images, f"upload {file.filename!r}")
         prepared = await prepare(prompt, [image])
-        done = await batcher.submit(prepared, settings.catalog_max_tokens)
-        answer = parse_answer(done.text)
-        return {"title": answer.title, "category": answer.category, "price": answer.price, "raw": done.text}
+        done = await batcher.submit(prepared, settings.catalog_max_tokens, logprobs=0)
+        return catalog_body(done, processor.tokenizer, calibration)
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key:  # before the body limit and the app; the metrics count its 401s
@@ -261,9 +265,13 @@ def app_from_folder(
 ):
     from productvlm.models.eval_records import model_summary
     from productvlm.models.loading import load_pretrained, resolve_model_dir
+    from productvlm.prompting.confidence import load_calibration
     from productvlm.prompting.settings import load_prompt_settings
 
     model, processor = load_pretrained(model_dir, dtype=dtype, device=device)
     where = resolve_model_dir(model_dir)
     info = model_summary(where) if isinstance(where, Path) else None
-    return create_app(model, processor, load_prompt_settings(where), settings, model_info=info)
+    calibration = load_calibration(where) if isinstance(where, Path) else None
+    return create_app(
+        model, processor, load_prompt_settings(where), settings, model_info=info, calibration=calibration
+    )

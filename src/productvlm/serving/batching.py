@@ -34,6 +34,9 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end token) or "length" (max_tokens)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None  # when the job asked: each token's, and its top alternatives
+    top: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Job:
     sampling: Sampling
     future: asyncio.Future
     on_delta: Callable[[str], None] | None = None  # streaming: called from the generation thread
+    logprobs: int | None = None  # None: none; 0: each token's log-probability; k: and the top k
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -94,15 +98,22 @@ class Engine:
             kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
         streams = Streams(jobs, self.processor.tokenizer)
         max_tokens = [j.max_tokens for j in jobs]
-        rows = generate(self.model, inputs, max_tokens, self.stops, streams, self.compiled, **kwargs)
+        wanted = [j.logprobs for j in jobs if j.logprobs is not None]
+        logprobs = max(wanted) if wanted else None
+        rows = generate(
+            self.model, inputs, max_tokens, self.stops, streams, self.compiled, logprobs, **kwargs
+        )
         return [
             Completion(
                 text=self.processor.decode(tokens, skip_special_tokens=True),
                 prompt_tokens=len(job.inputs.ids),
                 completion_tokens=len(tokens),
                 finish_reason=finish,
+                tokens=tokens,
+                logprobs=rows.logprobs[i] if job.logprobs is not None else None,
+                top=[t[: job.logprobs] for t in rows.top[i]] if job.logprobs is not None else None,
             )
-            for job, tokens, finish in zip(jobs, rows.tokens, rows.finish)
+            for i, (job, tokens, finish) in enumerate(zip(jobs, rows.tokens, rows.finish))
         ]
 
 
@@ -162,11 +173,13 @@ class Batcher:
         max_tokens: int,
         sampling: Sampling = Sampling(),
         on_delta: Callable[[str], None] | None = None,
+        logprobs: int | None = None,
     ) -> asyncio.Future:
-        """Queue a request; its future gets the Completion. 503 when the queue is full."""
+        """Queue a request; its future gets the Completion (with token log-probabilities when `logprobs`
+        is not None, and that many top alternatives). 503 when the queue is full."""
         future = asyncio.get_running_loop().create_future()
         try:
-            self.queue.put_nowait(Job(inputs, max_tokens, sampling, future, on_delta))
+            self.queue.put_nowait(Job(inputs, max_tokens, sampling, future, on_delta, logprobs))
         except asyncio.QueueFull:
             raise APIError(
                 503,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -60,6 +61,19 @@ class ChatRequest(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def logprobs_wanted(self) -> int | None:
+        """What to ask the batcher for: None (no log-probabilities), else how many alternatives per token.
+        As OpenAI: `top_logprobs` needs `logprobs: true`."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "invalid_request_error", "top_logprobs")
+        if self.logprobs and self.stream:
+            raise APIError(
+                400, "logprobs are returned only without stream: true here", "unsupported_value", "logprobs"
+            )
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def to_phi3_prompt(messages: list[Message]) -> tuple[str, list[str]]:
@@ -95,7 +109,65 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def completion_body(cid: str, model: str, text: str, finish: str, usage_: dict) -> dict:
+def _entry(text: str, logprob: float) -> dict:
+    return {"token": text, "logprob": float(logprob), "bytes": list(text.encode("utf-8"))}
+
+
+def _alone(tokenizer) -> Callable[[int], str]:
+    """token id -> its text as it reads after other text (decoded after an anchor token, which keeps the
+    leading space a lone decode would strip), remembered for the rest of the answer."""
+    anchor = tokenizer("a", add_special_tokens=False).input_ids[-1]
+    head = len(tokenizer.decode([anchor]))
+    seen: dict[int, str] = {}
+
+    def text(token_id: int) -> str:
+        if token_id not in seen:
+            seen[token_id] = tokenizer.decode([anchor, int(token_id)])[head:]
+        return seen[token_id]
+
+    return text
+
+
+def choice_logprobs(tokenizer, tokens: list[int], logprobs: list[float], top: list) -> dict:
+    """A choice's `logprobs` as OpenAI's chat API gives it: `content`, one entry per generated token, whose
+    texts put together are the answer (each is what the token adds to the decoded text)."""
+    from productvlm.inference.generate import token_ends
+
+    ends = token_ends(tokenizer, tokens)
+    text, alone = tokenizer.decode(tokens, skip_special_tokens=True), _alone(tokenizer)
+    content = []
+    for k, (logprob, alternatives) in enumerate(zip(logprobs, top)):
+        entry = _entry(text[ends[k - 1] if k else 0 : ends[k]], logprob)
+        entry["top_logprobs"] = [_entry(alone(i), lp) for i, lp in alternatives]
+        content.append(entry)
+    return {"content": content, "refusal": None}
+
+
+def catalog_body(done, tokenizer, calibration, thresholds: dict[str, float] | None = None) -> dict:
+    """`/v1/catalog`'s answer for a Completion generated with log-probabilities: the parsed fields, the
+    per-field confidence (calibrated when the model has a calibration.json) and `needs_review`."""
+    from productvlm.inference.generate import token_ends
+    from productvlm.prompting.confidence import field_scores, needs_review, review_thresholds
+    from productvlm.prompting.parse import parse_answer
+
+    answer = parse_answer(done.text)
+    scores = field_scores(done.text, done.logprobs or [], token_ends(tokenizer, done.tokens))
+    confidence = calibration(scores) if calibration else scores
+    thresholds = thresholds or review_thresholds(calibration, None, None)
+    return {
+        "title": answer.title,
+        "category": answer.category,
+        "price": answer.price,
+        "raw": done.text,
+        "confidence": {f: round(c, 4) for f, c in confidence.items()},
+        "calibrated": calibration is not None,
+        "needs_review": needs_review(confidence, thresholds),
+    }
+
+
+def completion_body(
+    cid: str, model: str, text: str, finish: str, usage_: dict, logprobs: dict | None = None
+) -> dict:
     return {
         "id": cid,
         "object": "chat.completion",
@@ -106,7 +178,7 @@ def completion_body(cid: str, model: str, text: str, finish: str, usage_: dict) 
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
                 "finish_reason": finish,
-                "logprobs": None,
+                "logprobs": logprobs,
             }
         ],
         "usage": usage_,

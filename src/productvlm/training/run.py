@@ -33,6 +33,8 @@ from productvlm.training.progress import RichProgress
 from productvlm.training.tracking import finish_tracking, setup_tracking
 from productvlm.training.trainer import RunTrainer
 
+CALIBRATION_ROWS = 2000  # validation rows the confidence calibration is fitted on (at most)
+
 
 @dataclass
 class RunResult:
@@ -204,6 +206,8 @@ def train(
     if cfg.eval.select == "best":
         metrics = load_best(trainer, cfg, run, state.is_main_process) or metrics
     final = save_final(trainer, processor, cfg, run, use_cache)
+    if state.is_main_process and eval_rows:
+        calibrate_final(final, cfg, progress)
     return RunResult(
         run,
         final,
@@ -213,6 +217,19 @@ def train(
         checkpoint,
         data,
     )
+
+
+def calibrate_final(final: Path, cfg: Config, progress: bool = True) -> Path:
+    """RUN/final/calibration.json: the answers' per-field confidence calibrated on the validation split
+    (up to CALIBRATION_ROWS rows; README, "Confidence"), so predict and serve say how sure they are."""
+    from productvlm.inference.predictor import Predictor
+    from productvlm.prompting.confidence import CALIBRATION_FILE
+
+    if (final / CALIBRATION_FILE).is_file():  # a finished run trained again: already calibrated
+        return final / CALIBRATION_FILE
+    predictor = Predictor(final, max_new_tokens=cfg.eval.max_new_tokens)
+    rows = rows_of(cfg, "validation")[:CALIBRATION_ROWS]
+    return predictor.calibrate(rows, cfg.eval.batch_size, progress, data=str(cfg.data.dir)).save(final)
 
 
 def stage_one(base: str) -> dict[str, float]:
