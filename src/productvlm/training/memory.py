@@ -373,9 +373,7 @@ def workload(cfg: Config, w: Widths, photo: tuple[int, int] | None = None) -> Wo
     if photo is not None:
         (image, crops), source = image_cost(w, *photo, d.num_crops), f"a {photo[0]}x{photo[1]} photo"
     elif rows:
-        from productvlm.inference.inputs import image_size
-
-        sizes = {image_size(r["image_path"]) for r in rows}
+        sizes = photo_sizes(tuple(r["image_path"] for r in rows))
         image, crops = max(image_cost(w, *s, d.num_crops) for s in sizes)
         source = f"the costliest of {len(rows)} photos in {d.dir}/train"
     else:
@@ -396,6 +394,14 @@ def workload(cfg: Config, w: Widths, photo: tuple[int, int] | None = None) -> Wo
         math.ceil(answer * per_row),
         f"{source}, packed into {t.pack_length}-token rows",
     )
+
+
+@cache
+def photo_sizes(paths: tuple[str, ...]) -> set[tuple[int, int]]:
+    """(width, height) of the photos, from their headers (read once per process: a run plans twice)."""
+    from productvlm.inference.inputs import image_size
+
+    return {image_size(p) for p in paths}
 
 
 def train_rows(cfg: Config) -> list[dict]:
@@ -431,7 +437,9 @@ class MemoryPlan:
     devices: int = 1
     sharding: str = "ddp"
     source: str = ""
-    parts: dict[str, int] = field(default_factory=dict)  # activations by part (not additive: see `activation_parts`)
+    parts: dict[str, int] = field(
+        default_factory=dict
+    )  # activations by part (not additive: see `activation_parts`)
     other_parts: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -474,7 +482,8 @@ class MemoryPlan:
 
 
 def gb(n: float) -> str:
-    return f"{n / GB:.1f}"
+    """Bytes as GB (2**30), one decimal (two below 1 GB)."""
+    return f"{n / GB:.1f}" if n >= GB else f"{n / GB:.2f}"
 
 
 def plan_memory(
