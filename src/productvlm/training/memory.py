@@ -219,7 +219,8 @@ def decoder_layer_bytes(
     rotated q and k, the attention output and the projection's contiguous copy of it, softmax
     statistics (SDPA: log-sum-exp; eager: the (seq x seq) probabilities, fp32 and act copies), the
     fused gate_up output, SiLU's output and the gated product; per LoRA adapter its rank-r middle
-    (+ the dropped input and its mask with dropout, + DoRA's base and adapter outputs)."""
+    (+ the dropped input and its mask with dropout, + DoRA's base and adapter outputs: an estimate, not
+    measured)."""
     h, i = w.hidden, w.intermediate
     norms = 2 * (4 * h + 4 + (act * h if norms_train else 0))
     attn = act * (h + (h + 2 * w.kv_dim) + (h + w.kv_dim) + 2 * h)
@@ -270,7 +271,8 @@ def measure_layer_bytes(
     torch.manual_seed(0)
     if part == "decoder":
         mc = mc.__class__.from_dict({**mc.to_dict(), "_attn_implementation": attention})
-        layer, tokens = Phi3DecoderLayer(mc, 0), seq
+        with torch.device("meta"):  # weights left uninitialised (their values do not change what is saved)
+            layer, tokens = Phi3DecoderLayer(mc, 0), seq
         x = torch.randn(1, seq, mc.hidden_size, dtype=torch.bfloat16)
         positions = torch.arange(seq)[None]
         shared = Phi3RotaryEmbedding(mc)(x, positions)
@@ -279,11 +281,12 @@ def measure_layer_bytes(
     else:
         vc = mc.vision_config
         vc._attn_implementation = attention
-        layer, tokens = CLIPEncoderLayer(vc), (vc.image_size // vc.patch_size) ** 2 + 1
+        with torch.device("meta"):
+            layer, tokens = CLIPEncoderLayer(vc), (vc.image_size // vc.patch_size) ** 2 + 1
         x, shared = torch.randn(1, tokens, vc.hidden_size, dtype=torch.bfloat16), ()
         run = lambda: layer(x, None)  # noqa: E731
         targets = VISION_TARGETS
-    layer = layer.to(torch.bfloat16).train()
+    layer = layer.to_empty(device="cpu").to(torch.bfloat16).train()
     if lora is not None:
         from peft import LoraConfig as PeftLora
         from peft import inject_adapter_in_model
@@ -757,7 +760,7 @@ def alternatives(
     )
     if batch:
         accum = math.ceil(cfg.train.batch_size * cfg.train.grad_accum / batch)
-        options.append(f"train.batch_size {batch} (with grad_accum {accum} for the same step)")
+        options.append(f"train.batch_size {batch} with grad_accum {accum}")
     if not plan.checkpointing:
         on = planned(gradient_checkpointing=True)
         if on.fits(memory):
