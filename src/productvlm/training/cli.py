@@ -69,9 +69,10 @@ def print_plan(cfg, gpu_memory: float | None, devices: int, sharding: str) -> No
         "GB per GPU", "checkpointing off", "checkpointing on", title=off.describe().split(", gradient")[0]
     )
     columns = [dict(off.rows()), dict(on.rows())]
-    for name in dict.fromkeys([*columns[0], *columns[1]]):  # both plans' rows, in order
-        cells = [gb(c[name]) if c.get(name) else "" for c in columns]
-        table.add_row(name, *cells, style="bold" if name == "total" else None)
+    for name in columns[0]:  # both plans have the same rows
+        if columns[0][name] or columns[1][name]:
+            cells = [gb(c[name]) if c[name] else "" for c in columns]
+            table.add_row(name, *cells, style="bold" if name == "total" else None)
     sizes = sorted({16, 24, 40, 80, *([round(memory / GB)] if memory else [])})
     for size in sizes:
         fits = ["fits" if p.total <= FILL * size * GB else "-" for p in (off, on)]

@@ -343,11 +343,13 @@ def image_cost(w: Widths, width: int, height: int, num_crops: int) -> tuple[int,
     return tokens, 1 if rows * cols == 1 else rows * cols + 1
 
 
-def worst_image(w: Widths, num_crops: int) -> tuple[int, int]:
-    """(image tokens, crops) of the costliest photo at `num_crops`: every crop grid it allows, tall ones
-    (more newline tokens) included."""
+def worst_image(w: Widths, num_crops: int, limit: int) -> tuple[int, int]:
+    """(image tokens, crops) of the costliest photo at `num_crops` within `limit` image tokens (a
+    sample over data.max_tokens_per_sample is refused), over every crop grid it allows, tall ones (more
+    newline tokens) included."""
     grids = [(r, c) for r in range(1, num_crops + 1) for c in range(1, num_crops // r + 1)]
-    return max(image_cost(w, c * w.crop, r * w.crop, num_crops) for r, c in grids)
+    costs = sorted(image_cost(w, c * w.crop, r * w.crop, num_crops) for r, c in grids)
+    return max((cost for cost in costs if cost[0] <= limit), default=costs[0])
 
 
 def prompt_tokens(cfg: Config) -> int:
@@ -370,9 +372,11 @@ def answer_tokens(cfg: Config, rows: list[dict]) -> int:
 
 def workload(cfg: Config, w: Widths, photo: tuple[int, int] | None = None) -> Workload:
     """The worst batch: its photo the costliest of `photo`, of the train split in data.dir (sizes from
-    the headers), or of any photo at data.num_crops; capped by data.max_tokens_per_sample."""
+    the headers), or of any photo at data.num_crops that data.max_tokens_per_sample lets through."""
     d, t = cfg.data, cfg.train
     rows = train_rows(cfg) if photo is None else []
+    answer = answer_tokens(cfg, rows)
+    text = prompt_tokens(cfg) + answer
     if photo is not None:
         (image, crops), source = image_cost(w, *photo, d.num_crops), f"a {photo[0]}x{photo[1]} photo"
     elif rows:
@@ -381,11 +385,10 @@ def workload(cfg: Config, w: Widths, photo: tuple[int, int] | None = None) -> Wo
         source = f"the costliest of {len(rows)} photos in {d.dir}/train"
     else:
         (image, crops), source = (
-            worst_image(w, d.num_crops),
-            f"the costliest photo shape at num_crops {d.num_crops}",
+            worst_image(w, d.num_crops, d.max_tokens_per_sample - text),
+            f"the costliest photo shape at num_crops {d.num_crops} within {d.max_tokens_per_sample} tokens",
         )
-    answer = answer_tokens(cfg, rows)
-    tokens = min(image + prompt_tokens(cfg) + answer, d.max_tokens_per_sample)
+    tokens = image + text
     if not t.packing:
         return Workload(t.batch_size, tokens, crops, image, answer, source)
     per_row = t.pack_length / tokens  # a packed row holds pack_length tokens of samples like this one
@@ -588,10 +591,12 @@ def optimizer_bytes(optim: str, trainable: list[tuple[float, int]], sharding: st
 
 
 def activation_parts(cfg: Config, w: Widths, load: Workload, checkpointing: bool) -> dict[str, int]:
-    """Activations of the worst batch by part, and their `peak`. With checkpointing every layer keeps
-    only its input hidden state, and one layer at a time recomputes its full activations during
-    backward (the decoder's while the tower's checkpoints are held; the tower's after the decoder's
-    are freed). The backward of a layer also holds a few gradients as wide as its widest tensors."""
+    """Activations of the worst batch by part, and their `peak` (the parts are not additive with
+    checkpointing). Without it every layer keeps what it saves until backward. With it every layer
+    keeps only its input hidden state, and one layer at a time recomputes its activations during
+    backward: the decoder's ("decoder layers": hidden states + one layer) while the tower's hidden
+    states are held, the tower's after the decoder's are freed. The backward of a layer also holds a
+    few gradients as wide as its widest tensors."""
     t, method, attention = cfg.train, cfg.train.method, cfg.model.attention
     act = 2 if t.precision in ("bf16", "fp16") else DTYPE_BYTES[cfg.model.dtype]
     lora = t.lora if method in LORA_METHODS else None
@@ -623,18 +628,17 @@ def activation_parts(cfg: Config, w: Widths, load: Workload, checkpointing: bool
         vision_kept = used * crops * act * w.v_hidden if vision_trains else 0
         vision_recompute = crops * (v_layer + v_workspace)
         peak = vision_kept + projector + head + max(decoder, vision_recompute)
-        parts = {
-            "decoder (hidden states + one layer)": decoder,
-            "vision tower (hidden states)": vision_kept,
-            "vision tower (one layer, later)": vision_recompute,
-        }
     else:
         decoder = w.layers * (tokens * per_layer + mask) + tokens * workspace
-        vision = used * crops * v_layer
-        peak = decoder + vision + projector + head
-        parts = {"decoder layers": decoder, "vision tower": vision}
-    parts = {k: v for k, v in parts.items() if v}
-    return {**parts, "projector and final norm": projector + head, "peak": peak}
+        vision_kept, vision_recompute = used * crops * v_layer, 0
+        peak = decoder + vision_kept + projector + head
+    return {
+        "decoder layers": decoder,
+        "vision tower": vision_kept,
+        "vision tower: a layer recomputed (after the decoder's)": vision_recompute,
+        "projector and final norm": projector + head,
+        "peak": peak,
+    }
 
 
 def other_parts(cfg: Config, w: Widths, load: Workload) -> dict[str, int]:
