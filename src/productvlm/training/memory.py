@@ -219,8 +219,8 @@ def decoder_layer_bytes(
     rotated q and k, the attention output and the projection's contiguous copy of it, softmax
     statistics (SDPA: log-sum-exp; eager: the (seq x seq) probabilities, fp32 and act copies), the
     fused gate_up output, SiLU's output and the gated product; per LoRA adapter its rank-r middle
-    (+ the dropped input and its mask with dropout, + DoRA's base and adapter outputs: an estimate, not
-    measured)."""
+    (+ one input-wide tensor with dropout, as measured here; + DoRA's base and adapter outputs: an
+    estimate, not measured)."""
     h, i = w.hidden, w.intermediate
     norms = 2 * (4 * h + 4 + (act * h if norms_train else 0))
     attn = act * (h + (h + 2 * w.kv_dim) + (h + w.kv_dim) + 2 * h)
@@ -250,7 +250,7 @@ def adapters_bytes(linears: dict[str, tuple[int, int]], lora: LoraConfig | None,
     total = 0
     for name, (i, o) in linears.items():
         if name in targets:
-            total += act * lora.r + ((act + 1) * i if lora.dropout else 0) + (2 * act * o if lora.dora else 0)
+            total += act * lora.r + (act * i if lora.dropout else 0) + (2 * act * o if lora.dora else 0)
     return total
 
 
