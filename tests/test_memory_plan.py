@@ -103,6 +103,7 @@ def parameters(model_config) -> int:
 def test_parameter_counts_are_the_models(tiny_model_dir, phi3v):
     tiny = Phi3VForCausalLM.from_pretrained(tiny_model_dir)
     assert parameters(tiny.config) == sum(p.numel() for p in tiny.parameters())
+    assert Widths.of(model_config_of("preset:tiny")) == Widths.of(tiny.config)  # without its tokenizer
     with torch.device("meta"):
         real = Phi3VForCausalLM(phi3v)
     assert parameters(phi3v) == sum(p.numel() for p in real.parameters())  # 4.15B

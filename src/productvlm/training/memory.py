@@ -34,7 +34,6 @@ FILL = 0.9  # a plan fits when it needs at most this share of the GPU; the rest:
 CUDA_CONTEXT = GB // 2  # CUDA context + cuBLAS workspace: outside torch's allocator, inside the GPU's memory
 GPU_MEMORY_ENV = "PRODUCTVLM_GPU_MEMORY_GB"
 SHARDINGS = ("ddp", "fsdp", "zero1", "zero2", "zero3")
-METHODS = ("full", "frozen_vision", "lora", "lora+projector", "qlora")
 LORA_METHODS = ("lora", "lora+projector", "qlora")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # bitsandbytes NF4 with double quantization: 4 bits a weight, an 8-bit absmax per 64 weights, an fp32
@@ -443,9 +442,8 @@ class MemoryPlan:
     devices: int = 1
     sharding: str = "ddp"
     source: str = ""
-    parts: dict[str, int] = field(
-        default_factory=dict
-    )  # activations by part (not additive: see `activation_parts`)
+    # activations by part (not additive with checkpointing: see `activation_parts`), other by part
+    parts: dict[str, int] = field(default_factory=dict)
     other_parts: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -578,16 +576,12 @@ def optimizer_bytes(optim: str, trainable: list[tuple[float, int]], sharding: st
     step (adamw_torch) allocates sqrt(v) for every parameter at once, the fused one nothing; 8-bit
     AdamW keeps ~2 bytes. DeepSpeed (zero1-3) steps an fp32 master copy with fp32 moments."""
     n = sum(count for _, count in trainable)
-    if optim in ("adamw_8bit", "paged_adamw_8bit"):
-        state = ADAM8_BYTES * n
-    elif sharding.startswith("zero"):
-        state = 8 * n
-    else:
-        state = sum(2 * b * count for b, count in trainable)
-    if sharding.startswith("zero"):
+    zero = sharding.startswith("zero")
+    moment = 4 * n if zero else sum(b * count for b, count in trainable)
+    state = ADAM8_BYTES * n if optim in ("adamw_8bit", "paged_adamw_8bit") else 2 * moment
+    if zero:
         state += sum(4 * count for b, count in trainable if b < 4)
-    step = state / 2 if optim == "adamw_torch" else 0
-    return state, step
+    return state, moment if optim == "adamw_torch" else 0
 
 
 def activation_parts(cfg: Config, w: Widths, load: Workload, checkpointing: bool) -> dict[str, int]:
