@@ -65,9 +65,7 @@ def print_plan(cfg, gpu_memory: float | None, devices: int, sharding: str) -> No
     memory = int(gpu_memory * GB) if gpu_memory else planned_memory()
     off, on = (plan_memory(cfg, devices=devices, sharding=sharding, checkpointing=c) for c in (False, True))
     chosen = plan_memory(cfg, devices=devices, sharding=sharding, memory=memory)
-    table = Table(
-        "GB per GPU", "checkpointing off", "checkpointing on", title=off.describe().split(", gradient")[0]
-    )
+    table = Table("GB per GPU", "checkpointing off", "checkpointing on", title=off.heading())
     columns = [dict(off.rows()), dict(on.rows())]
     for name in columns[0]:  # both plans have the same rows
         if columns[0][name] or columns[1][name]:

@@ -464,12 +464,16 @@ class MemoryPlan:
     def fits(self, memory: int) -> bool:
         return self.total <= FILL * memory
 
-    def describe(self) -> str:
-        ckpt = "on" if self.checkpointing else "off"
+    def heading(self) -> str:
+        """What was planned: method, batch, tokens and where they come from, devices."""
         return (
             f"{self.method}, batch {self.batch} x {self.tokens_per_sample} tokens ({self.source}), "
-            f"gradient checkpointing {ckpt}, {self.devices} device(s) {self.sharding}: ~{gb(self.total)} GB per device"
+            f"{self.devices} device(s) {self.sharding}"
         )
+
+    def describe(self) -> str:
+        ckpt = "on" if self.checkpointing else "off"
+        return f"{self.heading()}, gradient checkpointing {ckpt}: ~{gb(self.total)} GB per device"
 
     def rows(self) -> list[tuple[str, int]]:
         return [
