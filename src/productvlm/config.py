@@ -118,7 +118,7 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     gradient_checkpointing: Literal["auto"] | bool = Field(
         "auto",
-        description="auto: on only on CUDA when the weights and optimizer state fill 40% of the memory",
+        description="auto: on when the memory plan without it exceeds 90% of the GPU (training/memory.py)",
     )
     optim: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "auto", description="auto: adamw_torch_fused on CUDA, adamw_torch elsewhere"

@@ -28,6 +28,7 @@ from productvlm.training.data import (
     padding_share,
     rows_of,
 )
+from productvlm.training.memory import check_fits, resolve_checkpointing
 from productvlm.training.model import apply_method, extra_trainables, load_model, model_dir
 from productvlm.training.progress import RichProgress
 from productvlm.training.tracking import finish_tracking, setup_tracking
@@ -76,27 +77,16 @@ def cpu_only() -> bool:
     return not (accelerator.is_available() if accelerator else torch.cuda.is_available())
 
 
-def gradient_checkpointing(cfg: Config, model=None) -> bool:
-    """train.gradient_checkpointing, with `auto` resolved: on only on CUDA when the weights, gradients and
-    AdamW state (estimated from the trainable and frozen parameter counts) fill 40% of the device's memory;
-    recomputing activations costs ~30% of a step, which a model that fits should not pay."""
-    setting = cfg.train.gradient_checkpointing
-    if setting != "auto":
-        return setting
-    if model is None or not torch.cuda.is_available():
-        return False
-    params = list(model.parameters())
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    weights = sum(p.numel() * p.element_size() for p in params)
-    state = trainable * (4 + 8)  # fp32 gradients (upper bound) + AdamW's two fp32 moments
-    return weights + state > 0.4 * torch.cuda.get_device_properties(0).total_memory
+def gradient_checkpointing(cfg: Config, memory: int | None = None) -> bool:
+    """train.gradient_checkpointing, with `auto` resolved by the memory plan (training/memory.py): on only
+    when the run without it would need more than 90% of the GPU (`memory`, default: the CUDA device's or
+    PRODUCTVLM_GPU_MEMORY_GB), off on a CPU. Recomputing costs ~30% of a step, which a run that fits
+    should not pay."""
+    return resolve_checkpointing(cfg, memory)
 
 
-def training_args(
-    cfg: Config, run: Path, report_to: list[str], eval_on: bool = True, model=None
-) -> TrainingArguments:
-    """`eval_on`: there are validation rows to generate on (a split can be empty). `model` (the one to
-    train) resolves `train.gradient_checkpointing: auto`."""
+def training_args(cfg: Config, run: Path, report_to: list[str], eval_on: bool = True) -> TrainingArguments:
+    """`eval_on`: there are validation rows to generate on (a split can be empty)."""
     t = cfg.train
     eval_on = eval_on and cfg.eval.subset > 0
     return TrainingArguments(
@@ -115,7 +105,7 @@ def training_args(
         data_seed=t.seed,
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
-        activation_checkpointing=gradient_checkpointing(cfg, model),
+        activation_checkpointing=gradient_checkpointing(cfg),
         optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
         activation_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="steps",
@@ -140,6 +130,7 @@ def train(
     process owns the run folder (config, base model, logs, final model)."""
     t0 = time.perf_counter()
     state = PartialState(cpu=cpu_only())  # under torchrun, sets up the process group
+    check_fits(cfg)  # on a GPU: a run that cannot fit stops here, before the run folder and any weights
     with state.main_process_first():
         if state.is_main_process:
             run, checkpoint = prepare_run_dir(cfg, resume)
@@ -179,7 +170,7 @@ def train(
     bar = RichProgress() if progress else None
     trainer = RunTrainer(
         model=model,
-        args=training_args(cfg, run, report_to, eval_on=bool(eval_rows), model=model),
+        args=training_args(cfg, run, report_to, eval_on=bool(eval_rows)),
         train_dataset=train_ds,
         eval_dataset=eval_rows or None,
         data_collator=collator,
