@@ -121,12 +121,18 @@ def gpu_config(base: Path, data: Path, out: Path, device: str, *overrides: str):
 
 
 def plan_bytes(cfg, model_config, checkpointing: bool) -> tuple[int | None, str]:
-    """The memory plan's total, or None and why (the planner may be missing from this build)."""
+    """What the memory plan says `torch.cuda.max_memory_allocated` will read for bench_gpu's photo, or
+    None and why (the planner may be missing from this build)."""
     try:
         from productvlm.training.memory import plan_memory
     except ImportError as e:
         return None, f"plan: not available ({e})"
-    return plan_memory(cfg, model_config=model_config, checkpointing=checkpointing).total, ""
+    from bench.bench_gpu import IMAGE_SIZE
+
+    plan = plan_memory(
+        cfg, model_config=model_config, checkpointing=checkpointing, photo=(IMAGE_SIZE, IMAGE_SIZE)
+    )
+    return plan.allocated, ""
 
 
 def memory_row(cfg, base: Path, num_crops: int, steps: int, device: str) -> dict:
@@ -139,7 +145,7 @@ def memory_row(cfg, base: Path, num_crops: int, steps: int, device: str) -> dict
     model, processor = load_model(cfg, str(base))
     if getattr(model, "hf_quantizer", None) is None:  # a quantized model is placed as it loads
         model.to(device)
-    checkpointing = gradient_checkpointing(cfg, model)
+    checkpointing = gradient_checkpointing(cfg)
     if checkpointing:
         model.config.use_cache = False
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

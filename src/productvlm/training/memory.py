@@ -90,7 +90,8 @@ def preset_widths(name: str) -> Phi3VConfig:
     """A preset's config without training its tokenizer (11 s): only the vocabulary's size is needed."""
     import inspect
 
-    from productvlm.models.phi3v.presets import PRESETS, SPECIAL_TOKENS, build_tokenizer, preset_config
+    from productvlm.models.phi3v.presets import PRESETS, preset_config
+    from productvlm.models.phi3v.tokenizer import SPECIAL_TOKENS, build_tokenizer
 
     if name not in PRESETS:
         raise UserError(f"model.path: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
