@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from productvlm.models.evaluations import last_evaluation
-from productvlm.models.export import LOADER_ARGS, export_model
+from productvlm.models.export import export_model
 from productvlm.models.phi3v import Phi3VProcessor
+from productvlm.models.phi3v.processing_phi3v import LOADER_ARGS
 
 from conftest import GOLDEN, REFERENCE
 
@@ -160,7 +161,7 @@ def test_last_evaluation_is_the_newest_held_out_one(run_dir, tmp_path, monkeypat
 
 
 TF446_SCRIPT = r"""
-import json, re, sys
+import json, os, re, sys
 import transformers
 from transformers import AutoTokenizer, GenerationConfig
 folder, prompts = sys.argv[1], json.loads(sys.argv[2])
@@ -168,7 +169,8 @@ tok = AutoTokenizer.from_pretrained(folder)
 out = {"version": transformers.__version__, "class": type(tok).__name__,
        "image_id": tok.convert_tokens_to_ids("<|image|>"),
        "special": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id],
-       "eos_generate": GenerationConfig.from_pretrained(folder).eos_token_id,
+       "eos_generate": GenerationConfig.from_pretrained(folder).eos_token_id
+                       if os.path.isfile(os.path.join(folder, "generation_config.json")) else None,
        # as Microsoft's processor encodes a prompt: the text between placeholders, chunk by chunk
        "chunks": [[tok(c).input_ids for c in re.split(r"<\|image_\d+\|>", p)] for p in prompts],
        "whole": [tok(p).input_ids for p in prompts],
