@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from productvlm.models.evaluations import last_evaluation
 from productvlm.models.export import export_model
@@ -129,6 +131,20 @@ def test_model_card_has_hub_metadata_and_the_last_evaluation(exported, run_dir):
         "title chrF": 61.5,
     }
     assert set(meta["metrics"]) == {"parse_rate", "accuracy", "mape", "chrf"}
+    # huggingface_hub reads the model-index back into the eval results, values and all
+    card = ModelCard.load(exported / "README.md")
+    model_name, results = model_index_to_eval_results(meta["model-index"])
+    assert model_name == card.data.model_name == "shop-reader"
+    for parsed in (results, card.data.eval_results):
+        assert {(r.metric_name, r.metric_type, r.metric_value) for r in parsed} == {
+            ("answers parsed", "parse_rate", 1.0),
+            ("category accuracy", "accuracy", 0.75),
+            ("price MAPE", "mape", 0.125),
+            ("title chrF", "chrf", 61.5),
+        }
+        assert {(r.task_type, r.dataset_name, r.dataset_type, r.dataset_split) for r in parsed} == {
+            ("image-text-to-text", "shop", "imagefolder", "test")
+        }
     assert "<|image_1|>What is shown in this image?" in body and "{category3_code}" in body
     assert "| method | lora |" in body and "r=8, alpha=16" in body and "1.2500 at step 10" in body
     assert "Prices are in EUR." in body and "`num_crops=2`" in body
