@@ -1,11 +1,14 @@
 """glibc malloc settings for a server that runs for days.
 
 Requests with photos of different sizes allocate tensors of ever different sizes from several threads
-(the event loop, the generation thread, torch's). glibc gives each thread that contends for the heap
-an arena of its own (up to 8 per core) and keeps the freed pieces of each, so the resident memory grew
-by ~0.12 MB a request (issue 24). `bound_arenas` caps the arenas (as MALLOC_ARENA_MAX does, through
-mallopt, before the server's threads start), and `Trim` hands the free pages inside the heap back to the
-system (malloc_trim) every few batches. Elsewhere than glibc (musl, macOS) both do nothing.
+(the event loop, the generation thread, torch's). glibc serves a freed large block's size from the heap
+from then on (its mmap threshold follows the largest block freed, up to 32 MB), gives each thread that
+contends for the heap an arena of its own (up to 8 per core), and keeps the freed pieces of each: the
+resident memory grew by ~0.12 MB a request (issue 24). `bound_malloc`, at server start, fixes the mmap
+threshold (blocks above it are mapped and unmapped on their own, so they never fragment the heap) and
+caps the arenas, as MALLOC_MMAP_THRESHOLD_ and MALLOC_ARENA_MAX would; `Trim` hands the free pages inside
+the heap back to the system (malloc_trim) every few batches. Elsewhere than glibc (musl, macOS) they do
+nothing. README, Serve, has the measurements.
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ import ctypes.util
 import functools
 import os
 
-M_ARENA_MAX = -8  # glibc's mallopt parameter numbers (malloc.h)
-ARENAS = 2  # the event loop and the generation thread; 1 contends, glibc's default is 8 per core
-TRIM_EVERY = 16  # batches between two malloc_trim(0) calls (a trim takes ~1 ms per 100 MB of heap)
+# glibc's mallopt parameter numbers (malloc.h), and the environment variables that set the same
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
+SETTINGS = {M_MMAP_THRESHOLD: "MALLOC_MMAP_THRESHOLD_", M_ARENA_MAX: "MALLOC_ARENA_MAX"}
+MMAP_THRESHOLD = 128 * 1024  # glibc's starting value, kept fixed instead of rising with the blocks freed
+ARENAS = 2  # the event loop and the generation thread; glibc's default is 8 per core
+TRIM_EVERY = 16  # batches between two malloc_trim(0) calls
 
 
 @functools.cache
@@ -32,15 +38,15 @@ def glibc() -> ctypes.CDLL | None:
     return libc if all(hasattr(libc, f) for f in needed) else None
 
 
-def bound_arenas(arenas: int = ARENAS) -> bool:
-    """Cap glibc's malloc arenas (unless MALLOC_ARENA_MAX is set: the user's choice wins). Call it before
-    threads start allocating. True when the cap is in place."""
+def bound_malloc(mmap_threshold: int = MMAP_THRESHOLD, arenas: int = ARENAS) -> bool:
+    """Fix glibc's mmap threshold and cap its arenas (a value set in the environment stands: the user's
+    choice). Call it before the server's threads start. True when the settings are in place."""
     libc = glibc()
     if libc is None:
         return False
-    if os.environ.get("MALLOC_ARENA_MAX"):
-        return True
-    return bool(libc.mallopt(M_ARENA_MAX, arenas))
+    wanted = {M_MMAP_THRESHOLD: mmap_threshold, M_ARENA_MAX: arenas}
+    done = [bool(os.environ.get(SETTINGS[p])) or libc.mallopt(p, value) == 1 for p, value in wanted.items()]
+    return all(done)
 
 
 class Trim:
@@ -57,4 +63,4 @@ class Trim:
             self.trims += 1
 
 
-__all__ = ["bound_arenas", "Trim", "glibc"]
+__all__ = ["bound_malloc", "Trim", "glibc"]

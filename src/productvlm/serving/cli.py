@@ -45,9 +45,9 @@ def serve_command(
     ),
 ) -> None:
     """Serve the model over HTTP: OpenAI-compatible chat completions, a catalog endpoint and a page."""
-    from productvlm.serving.allocator import Trim, bound_arenas
+    from productvlm.serving.allocator import Trim, bound_malloc
 
-    bound_arenas()  # before the server's threads start: memory stays flat over days of varying photos
+    bound_malloc()  # before the server's threads start: memory stays flat over days of varying photos
     import uvicorn
 
     from productvlm.inference.device import pick_device, pick_dtype
