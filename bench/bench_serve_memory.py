@@ -26,7 +26,7 @@ WARMUP = 400
 EVERY = 400
 CONCURRENCY = 16
 MAX_TOKENS = 8
-GROWTH_AIM_MB = 4.0  # RSS growth per 400 requests after the warm-up, ours
+RISE_BOUND_MB = 32.0  # the most RSS may rise above its post-warm-up value (tests/test_serve_memory.py)
 
 BASELINE_SERVER = """
 import sys, uvicorn
@@ -135,6 +135,11 @@ def growth_per_400(samples: list[float]) -> float:
     return (samples[-1] - samples[0]) / (len(samples) - 1)
 
 
+def rise(samples: list[float]) -> float:
+    """How far RSS rose above its post-warm-up value (the first sample), at its highest."""
+    return max(samples[1:]) - samples[0]
+
+
 def ours_command(model_dir: Path) -> list[str]:
     return [sys.executable, "-m", "productvlm", "serve", "--model", str(model_dir), "--port"]
 
@@ -151,22 +156,22 @@ def run() -> list[dict]:
         model_dir = init_model("tiny", Path(tmp) / "tiny", seed=0)
         ours, ours_s = measure(ours_command(model_dir), requests)
         base, base_s = measure(baseline_command(model_dir), requests)
-    g_ours, g_base = growth_per_400(ours), growth_per_400(base)
+    rss = lambda xs: ", ".join(f"{x:.0f}" for x in xs)  # noqa: E731
     notes = (
         f"{REQUESTS} chat completions, {CONCURRENCY} concurrent, photos of 64 sizes, tiny model, num_crops 4; "
         f"RSS MB at requests {', '.join(str(WARMUP + i * EVERY) for i in range(len(ours)))}: "
-        f"ours {', '.join(f'{x:.0f}' for x in ours)} ({ours_s:.0f} s), "
-        f"baseline {', '.join(f'{x:.0f}' for x in base)} ({base_s:.0f} s)"
+        f"ours {rss(ours)}, baseline {rss(base)}; growth per 400 after warm-up: ours "
+        f"{growth_per_400(ours):+.1f} MB, baseline {growth_per_400(base):+.1f} MB"
     )
     return [
         {
-            "name": "serve: RSS growth per 400 requests after warm-up, varying photo sizes",
-            "value": g_ours,
+            "name": "serve: RSS rise above its post-warm-up value over 1,600 requests of varying photo sizes",
+            "value": max(rise(ours), 0.0),
             "unit": "MB",
-            "baseline": "glibc malloc defaults (no allocator settings)",
-            "baseline_value": g_base if g_base > 0 else None,
-            "ratio": g_ours / g_base if g_base > 0 and g_ours > 0 else None,
-            "aim": f"<= {GROWTH_AIM_MB} MB",
+            "baseline": "glibc malloc defaults",
+            "baseline_value": rise(base) if rise(base) > 0 else None,
+            "ratio": rise(ours) / rise(base) if rise(base) > 0 and rise(ours) > 0 else None,
+            "aim": f"<= {RISE_BOUND_MB:.0f} MB",
             "notes": notes,
         },
         {
@@ -177,7 +182,17 @@ def run() -> list[dict]:
             "baseline_value": base[0],
             "ratio": ours[0] / base[0],
             "aim": "lower",
-            "notes": f"and after {REQUESTS}: ours {ours[-1]:.0f} MB, baseline {base[-1]:.0f} MB",
+            "notes": f"after {REQUESTS}: ours {ours[-1]:.0f} MB, baseline {base[-1]:.0f} MB",
+        },
+        {
+            "name": "serve: throughput over the soak, allocator settings on",
+            "value": REQUESTS / ours_s,
+            "unit": "requests/s",
+            "baseline": "glibc malloc defaults",
+            "baseline_value": REQUESTS / base_s,
+            "ratio": base_s / ours_s,
+            "aim": "no slower (the fixed mmap threshold maps blocks over 1 MiB on their own)",
+            "notes": "same requests, same order, the two servers one after the other",
         },
     ]
 

@@ -21,7 +21,7 @@ import os
 # glibc's mallopt parameter numbers (malloc.h), and the environment variables that set the same
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
 SETTINGS = {M_MMAP_THRESHOLD: "MALLOC_MMAP_THRESHOLD_", M_ARENA_MAX: "MALLOC_ARENA_MAX"}
-MMAP_THRESHOLD = 128 * 1024  # glibc's starting value, kept fixed instead of rising with the blocks freed
+MMAP_THRESHOLD = 1024 * 1024  # fixed: glibc starts at 128 KiB and raises it to the largest block freed
 ARENAS = 2  # the event loop and the generation thread; glibc's default is 8 per core
 TRIM_EVERY = 16  # batches between two malloc_trim(0) calls
 
