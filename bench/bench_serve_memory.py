@@ -85,49 +85,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _load(url: str, requests: list[dict], pid: int) -> list[float]:
-    """Send the requests (CONCURRENCY at a time); RSS after the warm-up and every EVERY requests."""
+async def _load(url: str, requests: list[dict], server: subprocess.Popen) -> tuple[list[float], float]:
+    """Send the requests (CONCURRENCY at a time) once the server answers: (RSS after every EVERY
+    requests, seconds from the first request to the last answer)."""
     import httpx
 
     limit = asyncio.Semaphore(CONCURRENCY)
     async with httpx.AsyncClient(
         base_url=url, timeout=300, limits=httpx.Limits(max_connections=CONCURRENCY)
     ) as c:
-        for _ in range(600):  # wait until the server answers (model loading)
+        while True:  # wait until the server answers (it loads the model first)
+            if server.poll() is not None:
+                raise RuntimeError(f"the server exited with code {server.returncode} before answering")
             try:
                 if (await c.get("/health")).status_code == 200:
                     break
             except httpx.TransportError:
-                await asyncio.sleep(0.2)
+                pass
+            await asyncio.sleep(0.2)
 
         async def one(body: dict) -> None:
             async with limit:
                 r = await c.post("/v1/chat/completions", json=body)
                 r.raise_for_status()
 
-        samples = []
+        samples, t0 = [], time.perf_counter()
         for start in range(0, len(requests), EVERY):
             await asyncio.gather(*[one(b) for b in requests[start : start + EVERY]])
-            samples.append(rss_mb(pid))
-        return samples
+            samples.append(rss_mb(server.pid))
+        return samples, time.perf_counter() - t0
 
 
 def measure(command: list[str], requests: list[dict], env: dict | None = None) -> tuple[list[float], float]:
     """(RSS in MB after each EVERY requests, seconds) for a server started by `command` (+ the port)."""
     port = free_port()
-    server = subprocess.Popen(
-        [*command, str(port)],
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        t0 = time.perf_counter()
-        samples = asyncio.run(_load(f"http://127.0.0.1:{port}", requests, server.pid))
-        return samples, time.perf_counter() - t0
-    finally:
-        server.terminate()
-        server.wait(30)
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(
+            [*command, str(port)], env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log
+        )
+        try:
+            return asyncio.run(_load(f"http://127.0.0.1:{port}", requests, server))
+        except RuntimeError as e:
+            log.seek(0)
+            raise RuntimeError(f"{e}: {log.read().decode(errors='replace')[-2000:]}") from None
+        finally:
+            server.terminate()
+            server.wait(30)
 
 
 def growth_per_400(samples: list[float]) -> float:
