@@ -1,6 +1,6 @@
-"""`productvlm serve` bounds glibc malloc (arena cap at start, malloc_trim every few batches), so a server
-that runs for days keeps a flat resident size; (slow) a 2,000-request soak with photos of varying sizes
-stays within a stated bound after its warm-up."""
+"""`productvlm serve` bounds glibc malloc (a fixed mmap threshold and an arena cap at start, malloc_trim
+every few batches), so a server that runs for days keeps a flat resident size; (slow) a 2,000-request
+soak with photos of varying sizes stays within a stated bound after its warm-up."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def test_serve_command_installs_the_trim(tiny_model_dir, monkeypatch, fake_libc)
 def test_soak_of_2000_requests_of_varying_photo_sizes_stays_flat(tiny_model_dir):
     """`productvlm serve` (its own process, the tiny model at num_crops 4): after a 400-request warm-up,
     RSS never rises more than RISE_BOUND_MB over the next 1,600 (glibc's defaults rose 77 MB and
-    MALLOC_ARENA_MAX=1 alone 52 MB in the same soak; README, Serve). ~4-6 min on 2 busy cores."""
+    MALLOC_ARENA_MAX=1 alone 52 MB, in runs of this soak; README, Serve). ~4-6 min on 2 busy cores."""
     from bench import bench_serve_memory as soak
 
     samples, _ = soak.measure(soak.ours_command(tiny_model_dir), soak.bodies(soak.REQUESTS))
