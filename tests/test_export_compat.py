@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from productvlm.models.eval_records import last_evaluation
-from productvlm.models.export import LOADER_ARGS, export_model
+from productvlm.models.export import export_model
 from productvlm.models.phi3v import Phi3VProcessor
+from productvlm.models.phi3v.processing_phi3v import LOADER_ARGS
 
 from conftest import GOLDEN, REFERENCE
 
@@ -128,6 +131,20 @@ def test_model_card_has_hub_metadata_and_the_last_evaluation(exported, run_dir):
         "title chrF": 61.5,
     }
     assert set(meta["metrics"]) == {"parse_rate", "accuracy", "mape", "chrf"}
+    # huggingface_hub reads the model-index back into the eval results, values and all
+    card = ModelCard.load(exported / "README.md")
+    model_name, results = model_index_to_eval_results(meta["model-index"])
+    assert model_name == card.data.model_name == "shop-reader"
+    for parsed in (results, card.data.eval_results):
+        assert {(r.metric_name, r.metric_type, r.metric_value) for r in parsed} == {
+            ("answers parsed", "parse_rate", 1.0),
+            ("category accuracy", "accuracy", 0.75),
+            ("price MAPE", "mape", 0.125),
+            ("title chrF", "chrf", 61.5),
+        }
+        assert {(r.task_type, r.dataset_name, r.dataset_type, r.dataset_split) for r in parsed} == {
+            ("image-text-to-text", "shop", "imagefolder", "test")
+        }
     assert "<|image_1|>What is shown in this image?" in body and "{category3_code}" in body
     assert "| method | lora |" in body and "r=8, alpha=16" in body and "1.2500 at step 10" in body
     assert "Prices are in EUR." in body and "`num_crops=2`" in body
@@ -160,7 +177,7 @@ def test_last_evaluation_is_the_newest_held_out_one(run_dir, tmp_path, monkeypat
 
 
 TF446_SCRIPT = r"""
-import json, re, sys
+import json, os, re, sys
 import transformers
 from transformers import AutoTokenizer, GenerationConfig
 folder, prompts = sys.argv[1], json.loads(sys.argv[2])
@@ -168,7 +185,8 @@ tok = AutoTokenizer.from_pretrained(folder)
 out = {"version": transformers.__version__, "class": type(tok).__name__,
        "image_id": tok.convert_tokens_to_ids("<|image|>"),
        "special": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id],
-       "eos_generate": GenerationConfig.from_pretrained(folder).eos_token_id,
+       "eos_generate": GenerationConfig.from_pretrained(folder).eos_token_id
+                       if os.path.isfile(os.path.join(folder, "generation_config.json")) else None,
        # as Microsoft's processor encodes a prompt: the text between placeholders, chunk by chunk
        "chunks": [[tok(c).input_ids for c in re.split(r"<\|image_\d+\|>", p)] for p in prompts],
        "whole": [tok(p).input_ids for p in prompts],

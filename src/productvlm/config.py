@@ -17,6 +17,40 @@ from productvlm.errors import UserError
 DEFAULT_PROMPT = "<|user|>\n<|image_1|>What is shown in this image?<|end|><|assistant|>\n"
 DEFAULT_ANSWER = "Product: {title}, Category: {category3_code}, Full Price: {full_price}"
 DECODER_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+# Our keys and the transformers.TrainingArguments fields they set (training/run.py `training_args`): the
+# one table `train.trainer_args` is checked against (README, Train, shows it). Any other field passes through.
+TRAINER_FIELDS: dict[str, tuple[str, ...]] = {
+    "output_dir": ("output_dir",),
+    "train.batch_size": ("per_device_train_batch_size",),
+    "train.grad_accum": ("gradient_accumulation_steps",),
+    "train.lr": ("learning_rate",),
+    "train.weight_decay": ("weight_decay",),
+    "train.schedule": ("lr_scheduler_type",),
+    "train.warmup_ratio": ("warmup_steps",),
+    "train.epochs": ("num_train_epochs",),
+    "train.max_steps": ("max_steps",),
+    "train.max_grad_norm": ("max_grad_norm",),
+    "train.seed": ("seed", "data_seed"),
+    "train.precision": ("bf16", "fp16"),
+    "train.gradient_checkpointing": (
+        "activation_checkpointing",
+        "activation_checkpointing_kwargs",
+        "gradient_checkpointing",
+        "gradient_checkpointing_kwargs",
+    ),
+    "train.optim": ("optim",),
+    "train.save_steps": ("save_steps", "save_strategy"),
+    "train.save_total_limit": ("save_total_limit",),
+    "train.log_steps": ("logging_steps",),
+    "train.num_workers": ("dataloader_num_workers",),
+    "train.group_by_length": ("train_sampling_strategy",),
+    "eval.steps": ("eval_steps", "eval_strategy"),
+    "eval.batch_size": ("per_device_eval_batch_size",),
+    "eval.select": ("load_best_model_at_end", "metric_for_best_model", "greater_is_better"),
+    "tracking.backend": ("report_to",),
+    "tracking.run_name": ("run_name",),
+    "(productvlm)": ("remove_unused_columns", "use_cpu", "disable_tqdm", "dataloader_pin_memory"),
+}
 
 
 class Section(BaseModel):
@@ -124,7 +158,8 @@ class TrainConfig(Section):
         "auto", description="auto: adamw_torch_fused on CUDA, adamw_torch elsewhere"
     )
     trainer_args: dict[str, Any] = Field(
-        default_factory=dict, description="extra transformers.TrainingArguments fields, passed as they are"
+        default_factory=dict,
+        description="other transformers.TrainingArguments fields, passed as they are (not those our keys set)",
     )
     merge_final: bool = False
     num_workers: int = Field(0, ge=0)
@@ -183,6 +218,10 @@ class Config(Section):
                 f"train.vision_pretrain.epochs is for a preset's random vision tower (model.path: preset:...); "
                 f"model.path {self.model.path} has a pretrained one: set train.vision_pretrain.epochs to 0"
             )
+        if self.train.trainer_args:
+            problems = trainer_args_problems(self.train.trainer_args)
+            if problems:
+                raise ValueError("; ".join(problems))
         if self.train.packing and self.train.pack_length < self.data.max_tokens_per_sample:
             raise ValueError(
                 f"train.pack_length {self.train.pack_length} is below data.max_tokens_per_sample "
@@ -195,6 +234,33 @@ class Config(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def trainer_args_problems(trainer_args: dict[str, Any]) -> list[str]:
+    """One message per `train.trainer_args` name that is not a TrainingArguments field, or that one of
+    our keys sets (TRAINER_FIELDS)."""
+    import dataclasses
+    import difflib
+
+    from transformers import TrainingArguments
+
+    fields = [f.name for f in dataclasses.fields(TrainingArguments) if f.init and not f.name.startswith("_")]
+    ours = {field: key for key, names in TRAINER_FIELDS.items() for field in names}
+    problems = []
+    for name in trainer_args:
+        where = f"train.trainer_args.{name}"
+        if name in ours:
+            owner = ours[name]
+            problems.append(
+                f"{where}: productvlm sets it itself"
+                if owner.startswith("(")
+                else f"{where}: set {owner} instead"
+            )
+        elif name not in fields:
+            close = difflib.get_close_matches(str(name), fields, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"{where}: not a transformers.TrainingArguments field{hint}")
+    return problems
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

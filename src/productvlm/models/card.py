@@ -1,14 +1,15 @@
-"""The model card an export writes as README.md: Hub YAML metadata (base_model, library_name,
-pipeline_tag, datasets, metrics and a model-index from the last held-out evaluation) and a body with
-the prompt and answer template, how the model was trained and how to load it."""
+"""The model card an export writes as README.md, through huggingface_hub's `ModelCard`: Hub metadata
+(`ModelCardData`: base_model, library_name, pipeline_tag, datasets, metrics, and the last held-out
+evaluation as `EvalResult`s, which become the model-index) and a body with the prompt and answer
+template, how the model was trained and how to load it. Building the `ModelCard` parses the metadata
+back, so a model-index the Hub would not read fails here."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from productvlm.config import read_yaml
 from productvlm.models.eval_records import (
@@ -39,7 +40,7 @@ def write_model_card(path: Path, source: Path | str, name: str, dtype: str, base
     evaluation = last_evaluation(source) if isinstance(source, Path) else None
     dataset = model_dataset(source, evaluation)
     settings = load_prompt_settings(source)
-    metadata = _metadata(name, base, dataset, evaluation)
+    metadata = card_data(name, base, dataset, evaluation)
     body = [
         f"# {name}",
         "",
@@ -52,41 +53,36 @@ def write_model_card(path: Path, source: Path | str, name: str, dtype: str, base
         *_evaluation_section(evaluation),
         *_usage_section(name, settings),
     ]
-    text = (
-        "---\n" + yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body)
-    )
-    path.write_text(text, encoding="utf-8")
+    ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(body)).save(path)
 
 
-def _metadata(name: str, base: str | None, dataset: str | None, evaluation: dict | None) -> dict[str, Any]:
+def card_data(name: str, base: str | None, dataset: str | None, evaluation: dict | None) -> ModelCardData:
+    """The card's metadata; the evaluation's figures (those present) as one EvalResult each."""
     metrics = held_out_metrics(evaluation)
-    metadata: dict[str, Any] = {}
-    if base:
-        metadata["base_model"] = base
-    metadata.update(library_name="transformers", pipeline_tag="image-text-to-text")
-    metadata["tags"] = ["productvlm", "phi3_v", "product-catalog", "vision"]
-    if dataset:
-        metadata["datasets"] = [Path(dataset).name]
-    if metrics:
-        metadata["metrics"] = sorted({m["type"] for m in metrics})
-        split = evaluation.get("split", "test")
-        metadata["model-index"] = [
-            {
-                "name": name,
-                "results": [
-                    {
-                        "task": {"type": "image-text-to-text", "name": "Product catalog entry from a photo"},
-                        "dataset": {
-                            "name": Path(dataset or "dataset").name,
-                            "type": "imagefolder",
-                            "split": split,
-                        },
-                        "metrics": metrics,
-                    }
-                ],
-            }
-        ]
-    return metadata
+    dataset_name = Path(dataset or "dataset").name
+    results = [
+        EvalResult(
+            task_type="image-text-to-text",
+            task_name="Product catalog entry from a photo",
+            dataset_type="imagefolder",
+            dataset_name=dataset_name,
+            dataset_split=(evaluation or {}).get("split", "test"),
+            metric_type=m["type"],
+            metric_name=m["name"],
+            metric_value=m["value"],
+        )
+        for m in metrics
+    ]
+    return ModelCardData(
+        base_model=base,
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        tags=["productvlm", "phi3_v", "product-catalog", "vision"],
+        datasets=[Path(dataset).name] if dataset else None,
+        metrics=sorted({m["type"] for m in metrics}) or None,
+        model_name=name,
+        eval_results=results or None,
+    )
 
 
 def _prompt_section(settings: PromptSettings, currency: str | None) -> list[str]:
@@ -182,4 +178,4 @@ def _last_loss(log: Path) -> tuple[int, float] | None:
     return last
 
 
-__all__ = ["write_model_card"]
+__all__ = ["write_model_card", "card_data"]

@@ -33,6 +33,7 @@ from productvlm.models.loading import (
     load_pretrained,
     resolve_model_dir,
 )
+from productvlm.models.phi3v.processing_phi3v import drop_loader_args, read_json, write_json
 from productvlm.prompting.confidence import CALIBRATION_FILE
 from productvlm.prompting.settings import load_prompt_settings
 from productvlm.run_folder import find_run
@@ -44,22 +45,6 @@ HUB_CODE = {
     "microsoft/Phi-3.5-vision-instruct": "processing_phi3_v.Phi3VImageProcessor",
 }
 DEFAULT_HUB_CODE = "microsoft/Phi-3-vision-128k-instruct"
-# What the official tokenizer_config.json holds besides the fixed values written below.
-TOKENIZER_KEYS = (
-    "added_tokens_decoder",
-    "bos_token",
-    "clean_up_tokenization_spaces",
-    "eos_token",
-    "pad_token",
-    "padding_side",
-    "unk_token",
-)
-OFFICIAL_EXTRA_SPECIAL = ["<|system|>", "<|end|>", "<|user|>", "<|end|>"]  # sic, as Microsoft ships it
-# Arguments of a from_pretrained call that some transformers versions save into the files.
-LOADER_ARGS = {
-    "is_local", "local_files_only", "trust_remote_code", "cache_dir", "token", "use_auth_token",
-    "revision", "subfolder", "_commit_hash", "force_download", "proxies", "backend", "name_or_path",
-}  # fmt: skip
 
 
 def export_model(
@@ -96,10 +81,11 @@ def export_model(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         net.save_pretrained(tmp, max_shard_size=max_shard_size)
-        processor.save_pretrained(tmp)
+        processor.tokenizer.model_max_length = net.config.max_position_embeddings  # as the official files
+        processor.save_pretrained(tmp)  # writes the official tokenizer and processor files
         base = base_model(source)
         _officialize_config(tmp / "config.json", EXPORT_DTYPES[dtype], hub_code_repo(base))
-        _officialize_processor(tmp, hub_code_repo(base), net.config.max_position_embeddings)
+        _add_auto_map(tmp, hub_code_repo(base))
         load_prompt_settings(source).save(tmp)
         if isinstance(source, Path) and (source / CALIBRATION_FILE).is_file():  # the confidence calibration
             shutil.copy2(source / CALIBRATION_FILE, tmp / CALIBRATION_FILE)
@@ -139,7 +125,7 @@ def _officialize_config(path: Path, dtype: str, code: str) -> None:
     """Keep the fields tools written for the official config read: `torch_dtype` and `rope_theta`
     (transformers v5 writes `dtype` and nests rope_theta in `rope_parameters`), the architecture and
     `auto_map` (hub code; our loaders ignore it); Phi3VConfig already writes `rope_scaling` (type "su")."""
-    config = _drop_loader_args(json.loads(path.read_text(encoding="utf-8")))
+    config = drop_loader_args(read_json(path))
     config["architectures"] = ["Phi3VForCausalLM"]
     config["auto_map"] = {
         "AutoConfig": f"{code}--configuration_phi3_v.Phi3VConfig",
@@ -149,67 +135,22 @@ def _officialize_config(path: Path, dtype: str, code: str) -> None:
     rope_theta = (config.get("rope_parameters") or {}).get("rope_theta")
     if rope_theta is not None:
         config.setdefault("rope_theta", rope_theta)
-    _write_json(path, config)
+    write_json(path, config)
 
 
-def _officialize_processor(folder: Path, code: str, max_length: int) -> None:
-    """Tokenizer and processor files as the official repo has them, so transformers 4.x (and Microsoft's
-    processor with trust_remote_code=True) load them: `LlamaTokenizer`, no loader arguments, the chat
-    template inline, `special_tokens_map.json`, and `auto_map` entries naming the hub code."""
-    processor_ref = f"{code}--processing_phi3_v.Phi3VProcessor"
-    tokenizer_config = folder / "tokenizer_config.json"
-    ours = json.loads(tokenizer_config.read_text(encoding="utf-8"))
-    template = folder / "chat_template.jinja"
-    official = {
-        **{k: ours[k] for k in TOKENIZER_KEYS if k in ours},
-        "add_bos_token": _adds_bos(folder),
-        "add_eos_token": False,
-        "additional_special_tokens": OFFICIAL_EXTRA_SPECIAL,
-        "auto_map": {"AutoProcessor": processor_ref},
-        "legacy": False,
-        "model_max_length": max_length,
-        "processor_class": "Phi3VProcessor",
-        "sp_model_kwargs": {},
-        "tokenizer_class": "LlamaTokenizer",
-        "use_default_system_prompt": False,
+def _add_auto_map(folder: Path, code: str) -> None:
+    """`auto_map` entries naming Microsoft's processor code, for `trust_remote_code=True` users."""
+    processor = f"{code}--processing_phi3_v.Phi3VProcessor"
+    maps = {
+        "tokenizer_config.json": {"AutoProcessor": processor},
+        "preprocessor_config.json": {
+            "AutoImageProcessor": f"{code}--{HUB_CODE[code]}",
+            "AutoProcessor": processor,
+        },
+        "processor_config.json": {"AutoProcessor": processor},
     }
-    if template.is_file():
-        official["chat_template"] = template.read_text(encoding="utf-8")
-    _write_json(tokenizer_config, official)
-    special = {k: _special_token(official[k]) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
-    _write_json(
-        folder / "special_tokens_map.json", {"additional_special_tokens": OFFICIAL_EXTRA_SPECIAL, **special}
-    )
-
-    image_config = folder / "preprocessor_config.json"
-    image = _drop_loader_args(json.loads(image_config.read_text(encoding="utf-8")))
-    image["auto_map"] = {"AutoImageProcessor": f"{code}--{HUB_CODE[code]}", "AutoProcessor": processor_ref}
-    image["processor_class"] = "Phi3VProcessor"
-    _write_json(image_config, image)
-    processor = {"auto_map": {"AutoProcessor": processor_ref}, "processor_class": "Phi3VProcessor"}
-    _write_json(folder / "processor_config.json", processor)  # the image settings are in preprocessor_config
-
-
-def _adds_bos(folder: Path) -> bool:
-    """Whether tokenizer.json's post-processor puts BOS first (transformers 4.x rebuilds the post-processor
-    of a LlamaTokenizerFast from `add_bos_token`, so it must say what the file does)."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    ids = tokenizer.encode("a").ids
-    return bool(ids) and ids[0] == tokenizer.token_to_id("<s>")
-
-
-def _special_token(content: str) -> dict:
-    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-
-
-def _drop_loader_args(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in LOADER_ARGS}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    for name, auto_map in maps.items():
+        write_json(folder / name, {**read_json(folder / name), "auto_map": auto_map})
 
 
 def _carry_evaluation(path: Path, source: Path | str) -> None:

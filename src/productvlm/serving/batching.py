@@ -149,6 +149,7 @@ class Batcher:
         self.engine, self.max_batch, self.wait_s = engine, max(1, max_batch), wait_ms / 1000
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queue)
         self.on_batch = on_batch
+        self.after_batch: Callable[[], None] | None = None  # on the generation thread (serve: malloc trim)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self._task: asyncio.Task | None = None
 
@@ -224,3 +225,5 @@ class Batcher:
                 for job, result in zip(group, results):
                     if not job.future.done():
                         job.future.set_result(result)
+                if self.after_batch is not None:
+                    await loop.run_in_executor(self._executor, self.after_batch)

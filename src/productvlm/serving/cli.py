@@ -45,6 +45,9 @@ def serve_command(
     ),
 ) -> None:
     """Serve the model over HTTP: OpenAI-compatible chat completions, a catalog endpoint and a page."""
+    from productvlm.serving.allocator import Trim, bound_malloc
+
+    bound_malloc()  # before the server's threads start: memory stays flat over days of varying photos
     import uvicorn
 
     from productvlm.inference.device import pick_device, pick_dtype
@@ -79,6 +82,7 @@ def serve_command(
         compile=compiled,
     )
     app = app_from_folder(model, settings, dtype=dtype, device=device)
+    app.state.batcher.after_batch = Trim()
     batching = "off" if settings.max_batch_size == 1 else f"up to {settings.max_batch_size}"
     key = "API key required" if settings.api_key else "no API key: anyone who can reach it may use it"
     console.print(f"serving {model} on http://{host}:{port}  (device {device}, batching {batching}; {key})")

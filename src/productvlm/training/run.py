@@ -89,7 +89,7 @@ def training_args(cfg: Config, run: Path, report_to: list[str], eval_on: bool = 
     """`eval_on`: there are validation rows to generate on (a split can be empty)."""
     t = cfg.train
     eval_on = eval_on and cfg.eval.subset > 0
-    return TrainingArguments(
+    ours = dict(
         output_dir=str(run / CHECKPOINTS),
         run_name=cfg.tracking.run_name or run.name,
         per_device_train_batch_size=t.batch_size,
@@ -121,6 +121,13 @@ def training_args(cfg: Config, run: Path, report_to: list[str], eval_on: bool = 
         use_cpu=cpu_only(),  # without it, accelerate ignores torchrun on a machine with no accelerator
         disable_tqdm=True,
     )
+    # train.trainer_args: any other Trainer option (config.py refused the fields ours set, by name)
+    try:
+        return TrainingArguments(**ours, **t.trainer_args)
+    except (TypeError, ValueError) as e:
+        if not t.trainer_args:
+            raise
+        raise UserError(f"train.trainer_args: transformers.TrainingArguments refused them: {e}") from None
 
 
 def train(

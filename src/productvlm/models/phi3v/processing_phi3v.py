@@ -8,7 +8,9 @@ with its own images, is padded on the side you choose.
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import torch
 from transformers import BatchFeature, ProcessorMixin
@@ -17,6 +19,22 @@ from productvlm.errors import UserError
 
 PLACEHOLDER = re.compile(r"<\|image_(\d+)\|>")
 IMAGE_TOKEN = "<|image|>"
+# What the official tokenizer_config.json holds besides the fixed values `official_tokenizer_config` writes.
+TOKENIZER_KEYS = (
+    "added_tokens_decoder",
+    "bos_token",
+    "clean_up_tokenization_spaces",
+    "eos_token",
+    "pad_token",
+    "padding_side",
+    "unk_token",
+)
+OFFICIAL_EXTRA_SPECIAL = ["<|system|>", "<|end|>", "<|user|>", "<|end|>"]  # sic, as Microsoft ships it
+# Arguments of a from_pretrained call that some transformers versions save into the files.
+LOADER_ARGS = {
+    "is_local", "local_files_only", "trust_remote_code", "cache_dir", "token", "use_auth_token",
+    "revision", "subfolder", "_commit_hash", "force_download", "proxies", "backend", "name_or_path",
+}  # fmt: skip
 
 
 class Phi3VProcessor(ProcessorMixin):
@@ -37,6 +55,19 @@ class Phi3VProcessor(ProcessorMixin):
         the modules that tokenizer_config.json's auto_map names)."""
         kwargs.pop("trust_remote_code", None)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def _load_tokenizer_from_pretrained(
+        cls, sub_processor_type, pretrained_model_name_or_path, subfolder="", **kwargs
+    ):
+        """tokenizer.json as it is, whatever tokenizer_config.json's `tokenizer_class` says: the official
+        "LlamaTokenizer" would make transformers 5 rebuild the normalizer and pre-tokenizer in a folder
+        without a phi3_v config.json (with one, AutoTokenizer already reads tokenizer.json as it is)."""
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(
+            pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+        )
 
     def __call__(
         self,
@@ -92,9 +123,24 @@ class Phi3VProcessor(ProcessorMixin):
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def save_pretrained(self, save_directory, **kwargs):
-        """Also write `preprocessor_config.json`, as the official layout (and vLLM) expects."""
+        """The processor files as Microsoft's repos have them, so every folder we write (RUN/final,
+        checkpoints, exports) loads in transformers 4.x and Microsoft's processor too: `LlamaTokenizer`
+        and the official fields in tokenizer_config.json (no loader arguments, the chat template inline),
+        special_tokens_map.json, preprocessor_config.json with the image settings, processor_config.json
+        naming the class."""
         saved = super().save_pretrained(save_directory, **kwargs)
-        self.image_processor.save_pretrained(save_directory)
+        folder = Path(save_directory)
+        self.image_processor.save_pretrained(folder)
+        tokenizer = official_tokenizer_config(folder, self.tokenizer.chat_template or self.chat_template)
+        write_json(folder / "tokenizer_config.json", tokenizer)
+        special = {
+            k: _special_token(tokenizer[k]) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+        }
+        special["additional_special_tokens"] = OFFICIAL_EXTRA_SPECIAL
+        write_json(folder / "special_tokens_map.json", special)
+        image = drop_loader_args(read_json(folder / "preprocessor_config.json"))
+        write_json(folder / "preprocessor_config.json", {**image, "processor_class": "Phi3VProcessor"})
+        write_json(folder / "processor_config.json", {"processor_class": "Phi3VProcessor"})
         return saved
 
     def num_image_tokens(self, width: int, height: int, num_crops: int | None = None) -> int:
@@ -129,6 +175,52 @@ def check_placeholders(prompt: str, n_images: int, index: int = 0) -> None:
         raise UserError(f"{where} has {len(numbers)} image placeholder(s) but {n_images} image(s) were given")
 
 
+def official_tokenizer_config(folder: Path, chat_template: str | None) -> dict:
+    """tokenizer_config.json in the official shape, from the one transformers just wrote in `folder`."""
+    written = read_json(folder / "tokenizer_config.json")
+    config = {
+        **{k: written[k] for k in TOKENIZER_KEYS if k in written},
+        "add_bos_token": _adds_bos(folder),
+        "add_eos_token": False,
+        "additional_special_tokens": OFFICIAL_EXTRA_SPECIAL,
+        "legacy": False,
+        "model_max_length": written.get("model_max_length"),
+        "processor_class": "Phi3VProcessor",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "use_default_system_prompt": False,
+    }
+    if isinstance(chat_template, str):
+        config["chat_template"] = chat_template
+    return config
+
+
+def _adds_bos(folder: Path) -> bool:
+    """Whether tokenizer.json's post-processor puts BOS first (transformers 4.x rebuilds the post-processor
+    of a LlamaTokenizerFast from `add_bos_token`, so it must say what the file does)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ids = tokenizer.encode("a").ids
+    return bool(ids) and ids[0] == tokenizer.token_to_id("<s>")
+
+
+def _special_token(content: str) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+
+def drop_loader_args(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in LOADER_ARGS}
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def _as_batch(text, images) -> tuple[list[str], list[list]]:
     if isinstance(text, str):
         if images is None:
@@ -147,4 +239,4 @@ def _as_batch(text, images) -> tuple[list[str], list[list]]:
     return texts, per_text
 
 
-__all__ = ["Phi3VProcessor", "check_placeholders"]
+__all__ = ["Phi3VProcessor", "check_placeholders", "LOADER_ARGS", "drop_loader_args"]

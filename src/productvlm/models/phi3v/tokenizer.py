@@ -208,4 +208,5 @@ def build_tokenizer(vocab_size: int = 1000) -> PreTrainedTokenizerFast:
         padding_side="right",
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
+        model_max_length=131072,  # the context of Phi-3-V, as its official tokenizer_config.json says
     )
