@@ -34,10 +34,14 @@ def model_dir(cfg: Config, run: Path) -> str:
     return str(base)
 
 
-def load_model(cfg: Config, path: str):
+def load_model(cfg: Config, path: str, quantized: bool = True):
+    """The model and processor in `path`; for method qlora in 4-bit unless `quantized=False` (stage 1)."""
     try:
         model = Phi3VForCausalLM.from_pretrained(
-            path, dtype=DTYPES[cfg.model.dtype], attn_implementation=cfg.model.attention, **quantized(cfg)
+            path,
+            dtype=DTYPES[cfg.model.dtype],
+            attn_implementation=cfg.model.attention,
+            **(quantization(cfg) if quantized else {}),
         )
         processor = Phi3VProcessor.from_pretrained(path)
     except OSError as e:
@@ -45,7 +49,7 @@ def load_model(cfg: Config, path: str):
     return model, processor
 
 
-def quantized(cfg: Config) -> dict[str, Any]:
+def quantization(cfg: Config) -> dict[str, Any]:
     """from_pretrained's arguments for a qlora base: 4-bit (models.loading.qlora_config) on this process's
     device (the local rank's GPU under DDP)."""
     if cfg.train.method != "qlora":
