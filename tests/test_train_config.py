@@ -39,7 +39,8 @@ def test_unknown_section_is_named(tmp_path):
     [
         ("train:\n  lr: fast\n", "train.lr"),
         ("train:\n  batch_size: 0\n", "train.batch_size"),
-        ("train:\n  method: qlora\n", "train.method"),
+        ("train:\n  method: prefix_tuning\n", "train.method"),
+        ("train:\n  optim: sgd\n", "train.optim"),
         ("data:\n  num_crops: [4]\n", "data.num_crops"),
         ("train:\n  lora:\n    r: x\n", "train.lora.r"),
     ],
@@ -95,7 +96,9 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     assert again == cfg
 
 
-@pytest.mark.parametrize("name", ["tiny-cpu.yaml", "phi3-vision-lora.yaml", "phi35-vision-lora.yaml"])
+@pytest.mark.parametrize(
+    "name", ["tiny-cpu.yaml", "phi3-vision-lora.yaml", "phi35-vision-lora.yaml", "phi3-vision-qlora.yaml"]
+)
 def test_shipped_configs_are_valid(name):
     cfg = load_config(CONFIGS / name)
     assert cfg.output_dir
@@ -113,3 +116,61 @@ def test_warmup_ratio_is_a_share_of_the_total_steps(tmp_path, ratio, steps):
 def test_pack_length_below_the_sample_budget_is_rejected():
     with pytest.raises(UserError, match=r"train\.pack_length 100 is below data\.max_tokens_per_sample 256"):
         load_config(CONFIGS / "tiny-cpu.yaml", ["train.packing=true", "train.pack_length=100"])
+
+
+def test_qlora_config_is_the_lora_one_with_a_4bit_base_and_a_paged_8bit_optimizer():
+    lora, qlora = (
+        load_config(CONFIGS / "phi3-vision-lora.yaml"),
+        load_config(CONFIGS / "phi3-vision-qlora.yaml"),
+    )
+    assert qlora.train.method == "qlora" and qlora.train.optim == "paged_adamw_8bit"
+    assert qlora.train.lora == lora.train.lora and qlora.data == lora.data and qlora.model == lora.model
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (
+            ["train.method=full", "train.lora.projector=true"],
+            r"train\.lora\.projector is for method lora or qlora",
+        ),
+        (  # lora's projector would train fp16 weights, which the fp16 grad scaler cannot unscale
+            ["train.method=lora", "train.lora.projector=true", "model.dtype=float16", "train.precision=fp16"],
+            r"train\.precision fp16 with model\.dtype float16 trains fp16 weights \(lora \+ train\.lora\.projector\)",
+        ),
+    ],
+)
+def test_combinations_that_cannot_train_are_refused(sets, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, sets)
+
+
+def test_qlora_trains_fp32_weights_under_fp16():
+    """prepare_model_for_kbit_training casts what is not 4-bit (the projector) to fp32; LoRA is fp32 under fp16."""
+    cfg = load_config(
+        None,
+        ["train.method=qlora", "train.lora.projector=true", "model.dtype=float16", "train.precision=fp16"],
+    )
+    assert cfg.train.method == "qlora"
+
+
+@pytest.mark.parametrize(
+    "optim", ["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"]
+)
+def test_train_optim_reaches_the_trainer(tmp_path, optim):
+    import bitsandbytes
+    import torch
+    from transformers import Trainer
+
+    from productvlm.training.run import training_args
+
+    args = training_args(load_config(None, [f"train.optim={optim}", "train.precision=fp32"]), tmp_path, [])
+    auto = "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
+    names = {"auto": auto, "adamw_8bit": "adamw_bnb_8bit"}
+    assert args.optim == names.get(optim, optim)
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    if optim.endswith("8bit"):
+        assert cls is bitsandbytes.optim.AdamW and kwargs["optim_bits"] == 8
+        assert kwargs["is_paged"] == optim.startswith("paged")
+    else:
+        assert cls is torch.optim.AdamW and kwargs.get("fused", False) == (args.optim == "adamw_torch_fused")

@@ -112,6 +112,10 @@ class LoraConfig(Section):
     adapter_dtype: Literal["compute", "float32"] = Field(
         "compute", description="compute: adapters in model.dtype (bf16 trains faster); float32: fp32 adapters"
     )
+    projector: bool = Field(
+        False,
+        description="also train img_projection, glb_GN, sub_GN in full (method lora or qlora; lora+projector sets it)",
+    )
 
 
 class VisionPretrainConfig(Section):
@@ -207,11 +211,22 @@ class Config(Section):
     def _check(self) -> Config:
         if self.train.precision == "fp16" and self.model.dtype == "bfloat16":
             raise ValueError("train.precision fp16 with model.dtype bfloat16: use bf16, or dtype float32")
-        if self.train.precision == "fp16" and self.model.dtype == "float16" and self.train.method != "lora":
-            # the fp16 grad scaler cannot unscale fp16 gradients; peft keeps LoRA weights in fp32
+        t = self.train
+        trains_fp16 = t.method in ("full", "frozen_vision", "lora+projector") or (
+            t.method == "lora" and t.lora.projector
+        )
+        if t.precision == "fp16" and self.model.dtype == "float16" and trains_fp16:
+            # the fp16 grad scaler cannot unscale fp16 gradients; LoRA weights are fp32 under fp16 (and
+            # qlora's projector too: peft's prepare_model_for_kbit_training casts what is not 4-bit to fp32)
+            what = "lora + train.lora.projector" if t.method == "lora" else t.method
             raise ValueError(
-                f"train.precision fp16 with model.dtype float16 trains fp16 weights ({self.train.method}): "
-                "use model.dtype float32 (mixed precision), or method lora"
+                f"train.precision fp16 with model.dtype float16 trains fp16 weights ({what}): "
+                "use model.dtype float32 (mixed precision), or method lora / qlora"
+            )
+        if t.lora.projector and t.method not in ("lora", "lora+projector", "qlora"):
+            raise ValueError(
+                f"train.lora.projector is for method lora or qlora; method {t.method} "
+                "already decides what trains: set train.lora.projector to false"
             )
         if self.train.vision_pretrain.epochs and self.model.preset is None:
             raise ValueError(

@@ -10,7 +10,8 @@ arguments), so transformers 4.x loads them too, and `auto_map` entries name Micr
 `evaluation.json` carries the source's last held-out metrics.json.
 
 A LoRA adapter is exported only merged (`merge_lora=True`): the merge runs in float32 on the CPU,
-then the weights are cast to the requested dtype. Without the flag an adapter folder is a UserError,
+then the weights are cast to the requested dtype; a QLoRA adapter merges into its base's own weights (freshly
+loaded, not the 4-bit ones it trained on). Without the flag an adapter folder is a UserError,
 because a folder that needs peft and a second folder is not the standalone layout other tools read.
 The folder is written under a temporary name beside `out` and renamed into place when complete.
 """
@@ -30,7 +31,7 @@ from productvlm.models.loading import (
     DTYPES,
     adapter_base,
     is_adapter,
-    load_pretrained,
+    load_merged,
     resolve_model_dir,
 )
 from productvlm.models.phi3v.processing_phi3v import drop_loader_args, read_json, write_json
@@ -70,9 +71,7 @@ def export_model(
     if isinstance(source, Path) and out.resolve() == source.resolve():
         raise UserError(f"--out {out} is the model folder itself; choose another folder")
 
-    net, processor = load_pretrained(source, dtype="float32")
-    if is_adapter(source):
-        net = net.merge_and_unload()
+    net, processor = load_merged(source)
     net = net.to(DTYPES[dtype])
     net.config.use_cache = True
 

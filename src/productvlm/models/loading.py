@@ -4,6 +4,10 @@ A folder is either a full model in the official layout (config.json with `model_
 plus safetensors: a hub download, `RUN/final` of a full or merged run, an export) or a peft
 adapter folder (adapter_config.json naming its base model: `RUN/final` of a LoRA run, or
 `RUN/final/adapter`). A run folder itself is accepted too and means its `final/`.
+
+A QLoRA adapter carries `quantization_config.json` (transformers' BitsAndBytesConfig as trained): its
+base is loaded in 4-bit with that config, as it was trained, except to merge (`load_merged`), which
+takes the base's own weights, never the 4-bit ones.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ from productvlm.run_folder import FINAL
 
 ADAPTER_CONFIG = "adapter_config.json"
 EXTRA_TRAINABLES = "extra_trainables.safetensors"  # lora+projector: img_projection, glb_GN, sub_GN
+QUANTIZATION = "quantization_config.json"  # qlora: how the adapter's base is loaded (BitsAndBytesConfig)
+# QLoRA's base: every nn.Linear of the decoder layers and the CLIP tower in NF4; the image projection and
+# lm_head stay in model.dtype. transformers >= 5 matches a skip pattern from the start of the module name
+# or as its suffix, so the projection needs its full name (`img_projection` alone matches neither).
+QLORA_SKIP_MODULES = ["lm_head", "model.vision_embed_tokens.img_projection"]
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -68,16 +77,53 @@ def adapter_base(adapter: Path) -> Path | str:
     return base  # a hub id
 
 
+def qlora_config(dtype: str | torch.dtype):
+    """QLoRA's 4-bit base: NF4 with double quantization, computing in `dtype` (the run's model.dtype)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=DTYPES[dtype] if isinstance(dtype, str) else dtype,
+        llm_int8_skip_modules=QLORA_SKIP_MODULES,
+    )
+
+
+def save_quantization(model, folder: str | Path) -> None:
+    """Record beside an adapter how its base was quantized (nothing for an unquantized base)."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is not None:
+        record = config if isinstance(config, dict) else config.to_dict()
+        (Path(folder) / QUANTIZATION).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def adapter_quantization(adapter: Path):
+    """The BitsAndBytesConfig an adapter's base was trained in, or None (a LoRA adapter on a full base)."""
+    file = adapter / QUANTIZATION
+    if not file.is_file():
+        return None
+    from transformers import BitsAndBytesConfig
+
+    try:
+        return BitsAndBytesConfig.from_dict(json.loads(file.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{file}: not a bitsandbytes quantization config ({e})") from e
+
+
 def load_pretrained(
     path: str | Path,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     allow_pickle: bool = False,
+    quantized: bool = True,
 ) -> tuple[torch.nn.Module, Phi3VProcessor]:
     """(model in eval mode, processor) from a full model folder, an adapter folder, a run folder or a hub id.
 
     An adapter is loaded onto its base model with peft (not merged, so the weights stay exactly
     as trained); the processor comes from the adapter folder when it has one, else from the base.
+    A QLoRA adapter's base is quantized as in training, on `device`, in the dtype it was trained in
+    (`dtype` does not apply), unless `quantized=False` (for merging: the base's own weights in `dtype`).
     Pickle weights (model or adapter) are refused unless `allow_pickle=True`; no code from any
     of the folders runs (config.json's `auto_map` is ignored).
     """
@@ -89,7 +135,17 @@ def load_pretrained(
         if not allow_pickle:
             _refuse_pickle_adapter(where)
         base = adapter_base(where)
-        model = Phi3VForCausalLM.from_pretrained(base, dtype=dtype, allow_pickle=allow_pickle)
+        quantization = adapter_quantization(where) if quantized else None
+        if quantization is not None:
+            model = Phi3VForCausalLM.from_pretrained(
+                base,
+                dtype=quantization.bnb_4bit_compute_dtype,
+                quantization_config=quantization,
+                device_map={"": device},
+                allow_pickle=allow_pickle,
+            )
+        else:
+            model = Phi3VForCausalLM.from_pretrained(base, dtype=dtype, allow_pickle=allow_pickle)
         model = PeftModel.from_pretrained(model, str(where))
         load_extra_trainables(model, where)
         processor_dir = where if (where / "tokenizer_config.json").is_file() else base
@@ -97,7 +153,18 @@ def load_pretrained(
         model = Phi3VForCausalLM.from_pretrained(where, dtype=dtype, allow_pickle=allow_pickle)
         processor_dir = where
     processor = Phi3VProcessor.from_pretrained(processor_dir)
-    return model.to(device).eval(), processor
+    if not getattr(model, "is_loaded_in_4bit", False):  # a 4-bit base is placed by device_map
+        model = model.to(device)
+    return model.eval(), processor
+
+
+def load_merged(path: str | Path, allow_pickle: bool = False) -> tuple[torch.nn.Module, Phi3VProcessor]:
+    """An adapter merged in float32 into a freshly loaded base (for QLoRA its own weights, not the 4-bit
+    ones), on the CPU; a full model folder as it is, in float32."""
+    model, processor = load_pretrained(path, "float32", allow_pickle=allow_pickle, quantized=False)
+    if is_adapter(resolve_model_dir(path)):
+        model = model.merge_and_unload()
+    return model, processor
 
 
 def _refuse_pickle_adapter(adapter: Path) -> None:
@@ -126,6 +193,11 @@ def load_extra_trainables(model, folder: Path) -> None:
 
 __all__ = [
     "load_pretrained",
+    "load_merged",
+    "qlora_config",
+    "save_quantization",
+    "adapter_quantization",
+    "QUANTIZATION",
     "load_extra_trainables",
     "resolve_model_dir",
     "is_adapter",

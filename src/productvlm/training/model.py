@@ -3,6 +3,7 @@ then frozen or wrapped with peft for `train.method`, and its parameters grouped 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import torch
 
 from productvlm.config import Config
 from productvlm.errors import UserError
-from productvlm.models.loading import DTYPES
+from productvlm.models.loading import DTYPES, qlora_config
 from productvlm.models.phi3v import Phi3VForCausalLM, Phi3VProcessor
 
 VISION_PREFIX = "model.vision_embed_tokens.img_processor"
@@ -33,15 +34,34 @@ def model_dir(cfg: Config, run: Path) -> str:
     return str(base)
 
 
-def load_model(cfg: Config, path: str):
+def load_model(cfg: Config, path: str, quantized: bool = True):
+    """The model and processor in `path`; for method qlora in 4-bit unless `quantized=False` (stage 1)."""
     try:
         model = Phi3VForCausalLM.from_pretrained(
-            path, dtype=DTYPES[cfg.model.dtype], attn_implementation=cfg.model.attention
+            path,
+            dtype=DTYPES[cfg.model.dtype],
+            attn_implementation=cfg.model.attention,
+            **(quantization(cfg) if quantized else {}),
         )
         processor = Phi3VProcessor.from_pretrained(path)
     except OSError as e:
         raise UserError(f"model.path {path!r}: cannot load it ({str(e).splitlines()[0]})") from e
     return model, processor
+
+
+def quantization(cfg: Config) -> dict[str, Any]:
+    """from_pretrained's arguments for a qlora base: 4-bit (models.loading.qlora_config) on this process's
+    device (the local rank's GPU under DDP)."""
+    if cfg.train.method != "qlora":
+        return {}
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise UserError(
+            "train.method qlora under FSDP: sharding 4-bit weights needs a bnb_4bit_quant_storage this "
+            "recipe does not set; use DDP (configs/accelerate/ddp.yaml) or method lora"
+        )
+    from accelerate import PartialState
+
+    return {"quantization_config": qlora_config(cfg.model.dtype), "device_map": {"": PartialState().device}}
 
 
 def apply_method(model, cfg: Config):
@@ -52,7 +72,12 @@ def apply_method(model, cfg: Config):
     if method == "frozen_vision":
         model.model.vision_embed_tokens.img_processor.requires_grad_(False)
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method == "qlora":
+        # freezes everything and casts what is not 4-bit (embeddings, norms, projector, lm_head) to fp32;
+        # gradient checkpointing is the Trainer's (train.gradient_checkpointing, non-reentrant)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
     lora = cfg.train.lora
     config = LoraConfig(
@@ -68,7 +93,7 @@ def apply_method(model, cfg: Config):
     # cannot unscale fp16 gradients).
     fp32 = lora.adapter_dtype == "float32" or cfg.train.precision == "fp16"
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=fp32)
-    if method == "lora+projector":
+    if method == "lora+projector" or lora.projector:
         # requires_grad rather than peft's modules_to_save: the model indexes img_projection[0],
         # which a ModulesToSaveWrapper does not support; these weights are saved beside the adapter.
         embedding = peft_model.base_model.model.model.vision_embed_tokens
@@ -110,7 +135,7 @@ def param_groups(model, t, decay: set[str] | list[str]) -> list[dict[str, Any]]:
 
 
 def extra_trainables(model) -> dict[str, torch.Tensor]:
-    """Trainable parameters a peft adapter file does not hold (lora+projector: img_projection, glb_GN, sub_GN)."""
+    """Trainable parameters a peft adapter file does not hold (train.lora.projector: img_projection, glb_GN, sub_GN)."""
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):

@@ -14,7 +14,13 @@ from transformers import PrinterCallback, TrainerCallback, TrainingArguments, se
 
 from productvlm.config import Config
 from productvlm.errors import UserError
-from productvlm.models.loading import EXTRA_TRAINABLES, load_extra_trainables
+from productvlm.models.loading import (
+    DTYPES,
+    EXTRA_TRAINABLES,
+    load_extra_trainables,
+    load_merged,
+    save_quantization,
+)
 from productvlm.prompting.settings import PromptSettings
 from productvlm.run_folder import CHECKPOINTS, FINAL, LOG, SAMPLES
 from productvlm.training.callbacks import EvalAtEnd, JsonlLog, LogConfig
@@ -85,6 +91,13 @@ def gradient_checkpointing(cfg: Config, memory: int | None = None) -> bool:
     return resolve_checkpointing(cfg, memory)
 
 
+def optimizer_name(optim: str) -> str:
+    """train.optim -> TrainingArguments.optim (auto: fused AdamW on CUDA; the 8-bit ones are bitsandbytes')."""
+    if optim == "auto":
+        return "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
+    return {"adamw_8bit": "adamw_bnb_8bit"}.get(optim, optim)
+
+
 def training_args(cfg: Config, run: Path, report_to: list[str], eval_on: bool = True) -> TrainingArguments:
     """`eval_on`: there are validation rows to generate on (a split can be empty)."""
     t = cfg.train
@@ -106,7 +119,7 @@ def training_args(cfg: Config, run: Path, report_to: list[str], eval_on: bool = 
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
         activation_checkpointing=gradient_checkpointing(cfg),
-        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
+        optim=optimizer_name(t.optim),
         activation_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -311,12 +324,17 @@ def save_final(trainer: RunTrainer, processor, cfg: Config, run: Path, use_cache
         model.save_pretrained(adapter)
         processor.save_pretrained(adapter)
         PromptSettings.from_config(cfg).save(adapter)
+        save_quantization(base, adapter)
         extra = extra_trainables(model)
         if extra:
             from safetensors.torch import save_file
 
             save_file(extra, adapter / EXTRA_TRAINABLES)
-        if cfg.train.merge_final:
+        if cfg.train.merge_final and cfg.train.method == "qlora":
+            # into the base's own weights, freshly loaded, not the 4-bit ones the adapter trained on
+            model = load_merged(adapter)[0].to(DTYPES[cfg.model.dtype])
+            model.config.use_cache = use_cache
+        elif cfg.train.merge_final:
             model = model.merge_and_unload()
     if not isinstance(model, PeftModel):
         model.save_pretrained(tmp)

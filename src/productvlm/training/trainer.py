@@ -26,7 +26,7 @@ from transformers import Trainer
 from productvlm.config import Config
 from productvlm.errors import UserError
 from productvlm.inference.generate import generate_answers
-from productvlm.models.loading import EXTRA_TRAINABLES, load_extra_trainables
+from productvlm.models.loading import EXTRA_TRAINABLES, load_extra_trainables, save_quantization
 from productvlm.prompting.settings import PromptSettings
 from productvlm.prompting.templates import render
 from productvlm.run_folder import SAMPLES
@@ -60,12 +60,20 @@ class RunTrainer(EpochTrainer):
         self._sampler: EpochLengthSampler | None = None
 
     def create_optimizer(self, model=None):
-        """transformers' optimizer (AdamW, fused on CUDA) over per-part groups: train.lr_vision / lr_projector / lr."""
+        """transformers' optimizer for train.optim over per-part groups: train.lr_vision / lr_projector / lr."""
         if self.optimizer is None:
             model = self.model if model is None else model
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
             groups = param_groups(model, self.run_cfg.train, self.get_decay_parameter_names(model))
             self.optimizer = cls(groups, **kwargs)
+            if kwargs.get("optim_bits") == 8:  # bitsandbytes: embeddings keep 32-bit state, as Trainer does
+                from bitsandbytes.optim import GlobalOptimManager
+
+                for module in model.modules():
+                    if isinstance(module, torch.nn.Embedding):
+                        GlobalOptimManager.get_instance().register_module_override(
+                            module, "weight", {"optim_bits": 32}
+                        )
         return self.optimizer
 
     def _get_train_sampler(self, train_dataset=None):
@@ -116,9 +124,12 @@ class RunTrainer(EpochTrainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
+        folder = output_dir or self.args.output_dir
         extra = extra_trainables(self.model)
         if extra and self.args.should_save:
-            save_file(extra, os.path.join(output_dir or self.args.output_dir, EXTRA_TRAINABLES))
+            save_file(extra, os.path.join(folder, EXTRA_TRAINABLES))
+        if self.args.should_save:
+            save_quantization(self.model, folder)  # qlora: a checkpoint's adapter loads on a 4-bit base too
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -123,7 +123,7 @@ def pretrain_vision(cfg: Config, run: Path, base: str, args: TrainingArguments, 
     if (out / RESULT).is_file():
         return str(out)
     t0, v, t = time.perf_counter(), cfg.train.vision_pretrain, cfg.train
-    model, processor = load_model(cfg, base)
+    model, processor = load_model(cfg, base, quantized=False)  # qlora quantizes the tower after stage 1
     rows = rows_of(cfg, "train")[: cfg.data.max_train_rows]
     classes = label_values(rows, v.label, cfg.data.dir)
     index = {c: i for i, c in enumerate(classes)}
