@@ -19,7 +19,7 @@ from productvlm.config import load_config
 from productvlm.data.folder import read_split
 from productvlm.data.synth import synthesize
 from productvlm.errors import UserError
-from productvlm.evaluation.run import evaluate_model
+from productvlm.evaluation.run import run_eval
 from productvlm.inference.predictor import Predictor
 from productvlm.models.export import export_model
 from productvlm.models.loading import EXTRA_TRAINABLES, QUANTIZATION, load_pretrained, qlora_config
@@ -183,7 +183,7 @@ def test_adapter_records_its_4bit_base_and_eval_predict_serve_load_it(qlora_run,
     assert served.status_code == 200, served.text
     assert served.json()["raw"] == predicted  # the same 4-bit model answers in both verbs
 
-    evaluated = evaluate_model(adapter, data_dir, limit=1, max_new_tokens=6, device="cpu", progress=False)
+    evaluated = run_eval(adapter, data_dir, limit=1, max_new_tokens=6, device="cpu", progress=False)
     assert evaluated.predictions[0]["raw"] == predicted
 
 
@@ -261,7 +261,7 @@ def test_qlora_learns_the_categories_through_productvlm_train(tmp_path):
     from productvlm.cli import app
     from productvlm.inference.generate import generate_answers
     from productvlm.prompting.settings import PromptSettings
-    from productvlm.training.evaluate import baselines, score
+    from productvlm.training.generation_scores import baselines, score
     from test_train_run import CONFIGS
 
     data_dir, out = tmp_path / "catalog", tmp_path / "run"
