@@ -189,13 +189,15 @@ def warmup(
     import numpy as np
     from PIL import Image
 
+    from productvlm.inference.inputs import to_model
+
     done = model.__dict__.setdefault("_productvlm_warm_batches", set())
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (336, 336, 3), dtype=np.uint8))
     start = time.perf_counter()
     for size in sorted({bucket_batch(b) for b in batch_sizes} - done):
         kwargs = {} if num_crops is None else {"num_crops": num_crops}
         batch = processor(text=[WARMUP_PROMPT] * size, images=[[photo]] * size, padding_side="left", **kwargs)
-        batch = {k: v.to(model.device) for k, v in batch.items()}
+        batch = to_model(batch, model)
         # a few decode steps: CUDA graph trees record on the step after the first compiled one
         generate_ids(model, batch, 4, True, max_cache_len=max_cache_len, min_new_tokens=4)
         done.add(size)

@@ -15,7 +15,7 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from productvlm.inference.decode import decode_kwargs, generate_ids
-from productvlm.inference.inputs import batch, prepare_rows
+from productvlm.inference.inputs import batch, prepare_rows, to_model
 from productvlm.prompting.settings import PromptSettings
 from productvlm.prompting.templates import END
 
@@ -95,12 +95,11 @@ def generate_answers(
     prompting.constrained.AnswerConstraint) restricts decoding to the answer template."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     stops = stop_ids(model, processor)
     answers: list[str] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        inputs = batch(processor, prepare_rows(processor, settings, chunk, blank_images), device)
+        inputs = to_model(batch(processor, prepare_rows(processor, settings, chunk, blank_images)), model)
         extra = (
             {"logits_processor": LogitsProcessorList([constraint.logits_processor()])} if constraint else {}
         )
