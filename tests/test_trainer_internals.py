@@ -75,3 +75,29 @@ def test_the_trainer_batches_in_our_length_order_and_tells_the_data_the_epoch(tm
     trainer.callback_handler.on_epoch_begin(trainer.args, trainer.state, trainer.control)
     assert data.epoch == 2
     assert list(trainer.length_sampler) == length_grouped_order(lengths, 4, cfg.train.seed + 2)
+
+
+def test_load_weights_brings_back_a_lora_projector_checkpoint(tiny_model_dir, tmp_path):
+    """The best checkpoint of a LoRA run is loaded with peft's public loaders (adapter + projector)."""
+    from safetensors.torch import save_file
+
+    from productvlm.models.loading import EXTRA_TRAINABLES
+    from productvlm.training.checkpoints import load_weights
+    from productvlm.training.model import apply_method, extra_trainables, load_model
+
+    sets = [f"model.path={tiny_model_dir}", "train.method=lora+projector", "train.vision_pretrain.epochs=0"]
+    cfg = load_config(CONFIGS / "tiny-cpu.yaml", sets)
+    model = apply_method(load_model(cfg, str(tiny_model_dir))[0], cfg)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for p in trainable.values():
+            p.normal_()
+    saved = {n: p.detach().clone() for n, p in trainable.items()}
+    model.save_pretrained(tmp_path)
+    save_file(extra_trainables(model), tmp_path / EXTRA_TRAINABLES)
+    with torch.no_grad():
+        for p in trainable.values():
+            p.zero_()
+    load_weights(model, tmp_path)
+    assert all(torch.equal(p, saved[n]) for n, p in trainable.items())
+    assert any("lora_" in n for n in saved) and any("img_projection" in n for n in saved)

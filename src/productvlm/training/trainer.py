@@ -69,7 +69,9 @@ class RunTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         # private, but the only hook for a sampler short of rebuilding the whole DataLoader
-        return self.length_sampler or super()._get_train_sampler(train_dataset)
+        if self.length_sampler is None:
+            return super()._get_train_sampler(train_dataset)
+        return self.length_sampler
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The Trainer's save (a checkpoint's weights too), refused for NaN/inf weights, plus the
