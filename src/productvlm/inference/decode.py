@@ -266,6 +266,8 @@ def warmup(
     import numpy as np
     from PIL import Image
 
+    from productvlm.inference.inputs import to_model
+
     shapes = decode_shapes(model)
     rope_switch = getattr(model.config, "original_max_position_embeddings", None)
     cache = bucket_length(min(max_cache_len, rope_switch or max_cache_len))
@@ -284,7 +286,7 @@ def warmup(
             batch = processor(
                 text=[WARMUP_PROMPT] * size, images=[[photo]] * size, padding_side="left", **kwargs
             )
-            batch = {k: v.to(model.device) for k, v in batch.items()}
+            batch = to_model(batch, model)
             # a few decode steps: CUDA graph trees record on the step after the first compiled one
             generate_ids(model, batch, 4, True, max_cache_len=cache, min_new_tokens=4)
     finally:

@@ -16,7 +16,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from productvlm.inference.decode import decode_kwargs, generate_ids
-from productvlm.inference.inputs import batch, prepare_rows
+from productvlm.inference.inputs import batch, prepare_rows, to_model
 from productvlm.prompting.settings import PromptSettings
 from productvlm.prompting.templates import END
 
@@ -157,8 +157,7 @@ def generate_batch(
     **generate_kwargs: Any,
 ) -> list[Generated]:
     """Answers for `inputs.Prepared` rows in one left-padded call; greedy unless told otherwise."""
-    device = next(model.parameters()).device
-    inputs = batch(processor, prepared, device)
+    inputs = to_model(batch(processor, prepared), model)
     extra = {"logits_processor": LogitsProcessorList([constraint.logits_processor()])} if constraint else {}
     done = generate(
         model,

@@ -8,7 +8,7 @@ pixel is decoded: `prompt_ids` (image slots counted from the photo's size) and `
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,15 +75,27 @@ def prepare_rows(
     ]
 
 
-def batch(processor, rows: Sequence[Prepared], device: torch.device | str | None = None) -> dict:
+def batch(processor, rows: Sequence[Prepared]) -> dict:
     """Left-padded input_ids/attention_mask and every row's pixels in row order (the order of the image
-    slots the model fills), on `device`."""
+    slots the model fills), on the CPU (`to_model` moves them)."""
     inputs = processor.pad([r.ids for r in rows], "left")
     with_photos = [r for r in rows if r.pixel_values is not None]
     if with_photos:
         inputs["pixel_values"] = torch.cat([r.pixel_values for r in with_photos])
         inputs["image_sizes"] = torch.cat([r.image_sizes for r in with_photos])
-    return {k: v.to(device) for k, v in inputs.items()} if device is not None else inputs
+    return inputs
+
+
+def model_device(model) -> torch.device:
+    """Where a model's inputs go: its first parameter's device (the embeddings'; a device map's first)."""
+    return next(model.parameters()).device
+
+
+def to_model(inputs: Mapping[str, Any], model) -> dict[str, Any]:
+    """`inputs` with its tensors on the model's device: every place that feeds a model goes through here
+    (processors make CPU tensors; the model may sit on an accelerator)."""
+    device = model_device(model)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 __all__ = [
@@ -91,6 +103,8 @@ __all__ = [
     "prepare",
     "prepare_rows",
     "batch",
+    "to_model",
+    "model_device",
     "prompt_ids",
     "photo_tensors",
     "load_image",

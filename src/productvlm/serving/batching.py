@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from productvlm.errors import UserError
 from productvlm.inference.generate import RowStops, generate, stop_ids
-from productvlm.inference.inputs import Prepared, batch, prepare
+from productvlm.inference.inputs import Prepared, batch, prepare, to_model
 from productvlm.serving.errors import APIError
 
 
@@ -55,7 +55,6 @@ class Engine:
 
     def __init__(self, model, processor, num_crops: int, compiled: bool | None = None):
         self.model, self.processor, self.num_crops, self.compiled = model, processor, num_crops, compiled
-        self.device = next(model.parameters()).device
         self.stops = stop_ids(model, processor)
 
     def warmup(self, max_batch: int, max_sequence: int, typical_tokens: int = 256) -> str:
@@ -91,7 +90,7 @@ class Engine:
 
     def generate(self, jobs: list[Job]) -> list[Completion]:
         """One left-padded `generate` for jobs with the same sampling settings."""
-        inputs = batch(self.processor, [j.inputs for j in jobs], self.device)
+        inputs = to_model(batch(self.processor, [j.inputs for j in jobs]), self.model)
         sampling = jobs[0].sampling
         kwargs = {}
         if sampling.temperature > 0:

@@ -1,5 +1,6 @@
-"""Trainer callbacks: the JSON-lines log, the tracker's config and model summary, the last-step
-evaluation, and a stop after N steps (used to simulate an interruption)."""
+"""Trainer callbacks: the epoch told to the data, checkpoints renamed into place, the JSON-lines log,
+the tracker's config and model summary, the last-step evaluation, and a stop after N steps (used to
+simulate an interruption)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,51 @@ import json
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
 from transformers import TrainerCallback
 
 from productvlm.config import Config
 from productvlm.run_folder import FINAL
+from productvlm.training.checkpoints import best_checkpoint, drop_staging, publish, rotate
+
+
+class TellEpoch(TrainerCallback):
+    """Tells the training data the epoch before the epoch's iteration starts (its DataLoader workers copy
+    the dataset then): the augmentation draws per (seed, epoch, sample) and the length sampler's order.
+    accelerate's own `set_epoch` reaches only one of them, and on resume not a sampler behind its
+    skip wrapper. The epoch is the whole part of `state.epoch` (restored from the checkpoint on resume)."""
+
+    def __init__(self, *targets):
+        self.targets = [t for t in targets if hasattr(t, "set_epoch")]
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        for target in self.targets:
+            target.set_epoch(int(state.epoch or 0))
+
+
+class AtomicCheckpoints(TrainerCallback):
+    """The Trainer writes `checkpoint-N` (every process its part: RNG state at least); once all have
+    written, the main process renames it to `step-N`, the only name resume and selection read, then
+    deletes all but the newest `keep` checkpoints, never the best one by `metric`. The run folder
+    must be on storage all processes share."""
+
+    def __init__(self, keep: int | None, metric: str):
+        self.keep, self.metric = keep, metric
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            drop_staging(Path(args.output_dir))  # an interrupted save's leftovers
+        PartialState().wait_for_everyone()
+
+    def on_save(self, args, state, control, **kwargs):
+        everyone = PartialState()
+        everyone.wait_for_everyone()
+        if state.is_world_process_zero:
+            root = Path(args.output_dir)
+            publish(root, state.global_step)
+            best = best_checkpoint(root, state.log_history, self.metric)
+            rotate(root, self.keep, keep=best[0] if best else None)
+        everyone.wait_for_everyone()
 
 
 class JsonlLog(TrainerCallback):

@@ -64,9 +64,25 @@ def quantization(cfg: Config) -> dict[str, Any]:
     return {"quantization_config": qlora_config(cfg.model.dtype), "device_map": {"": PartialState().device}}
 
 
+def unused_tower_parts(model) -> list[torch.nn.Module]:
+    """The CLIP tower's last encoder layer and `post_layernorm`: the model takes the penultimate layer's
+    features (as the official one does), so these never get a gradient."""
+    vit = model.model.vision_embed_tokens.img_processor.vision_model
+    return [vit.encoder.layers[-1], vit.post_layernorm]
+
+
+def freeze_unused_tower(model) -> None:
+    """Frozen, the unused tower weights stay as loaded and saved: trainable, they would stop DDP
+    ("parameters that were not used in producing loss"), whose `find_unused_parameters` transformers
+    turns off under gradient checkpointing."""
+    for part in unused_tower_parts(model):
+        part.requires_grad_(False)
+
+
 def apply_method(model, cfg: Config):
     """Freeze / wrap the model for train.method; returns the model to train."""
     method = cfg.train.method
+    freeze_unused_tower(model)
     if method == "full":
         return model
     if method == "frozen_vision":
@@ -84,7 +100,7 @@ def apply_method(model, cfg: Config):
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora_targets(lora.targets, lora.vision),
+        target_modules=lora_targets(lora.targets, lora.vision, tower_depth(model)),
         use_dora=lora.dora,
         task_type="CAUSAL_LM",
     )
@@ -102,12 +118,18 @@ def apply_method(model, cfg: Config):
     return peft_model
 
 
-def lora_targets(decoder: list[str], vision: bool) -> str:
-    """peft's target regex: the decoder layers' `decoder` projections, plus the CLIP tower's with `vision`."""
+def tower_depth(model) -> int:
+    return len(model.model.vision_embed_tokens.img_processor.vision_model.encoder.layers)
+
+
+def lora_targets(decoder: list[str], vision: bool, tower_layers: int) -> str:
+    """peft's target regex: the decoder layers' `decoder` projections, plus with `vision` the CLIP
+    tower's, except in its last layer (of `tower_layers`), which the model never uses."""
     names = "|".join(re.escape(t) for t in decoder)
     pattern = rf"^model\.layers\.\d+\..*\.({names})$"
     if vision:
-        pattern += rf"|^{re.escape(VISION_PREFIX)}\..*\.({'|'.join(VISION_TARGETS)})$"
+        layers = rf"{re.escape(VISION_PREFIX)}\.vision_model\.encoder\.layers\.(?!{tower_layers - 1}\.)\d+"
+        pattern += rf"|^{layers}\..*\.({'|'.join(VISION_TARGETS)})$"
     return pattern
 
 

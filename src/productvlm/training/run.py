@@ -24,7 +24,7 @@ from productvlm.models.loading import (
 from productvlm.prompting.settings import PromptSettings
 from productvlm.run_folder import CHECKPOINTS, FINAL, LOG, SAMPLES
 from productvlm.training.callbacks import EvalAtEnd, JsonlLog, LogConfig
-from productvlm.training.checkpoints import complete_checkpoints, truncate_log
+from productvlm.training.checkpoints import best_checkpoint, complete_checkpoints, load_weights, truncate_log
 from productvlm.training.data import (
     CatalogDataset,
     Collator,
@@ -187,6 +187,8 @@ def train(
             line = {"step": 0, **{f"data/{k}": v for k, v in data.items()}, **stage_one(base)}
             with open(run / LOG, "a", encoding="utf-8") as f:
                 f.write(json.dumps(line) + "\n")
+    if checkpoint:  # the Trainer restores the weights an adapter file holds; the ones beside it are ours
+        load_extra_trainables(model, checkpoint)
     bar = RichProgress() if progress else None
     trainer = RunTrainer(
         model=model,
@@ -257,15 +259,13 @@ def stage_one(base: str) -> dict[str, float]:
 def load_best(trainer: RunTrainer, cfg: Config, run: Path, main: bool) -> dict[str, float] | None:
     """Load the best evaluated checkpoint's weights into the trainer's model (for RUN/final) and say
     which step won, in train_log.jsonl and on the console. Returns that eval's log entry."""
-    best = trainer.best_checkpoint()
+    best = best_checkpoint(Path(trainer.args.output_dir), trainer.state.log_history, cfg.eval.metric)
     if best is None:
         return None
     path, entry = best
     last = trainer.state.global_step
     if entry["step"] != last:
-        trainer.state.best_model_checkpoint = str(path)
-        trainer._load_best_model()
-        load_extra_trainables(trainer.model, path)
+        load_weights(trainer.model, path)
     if main:
         metric = cfg.eval.metric
         line = {"step": last, "selected_step": entry["step"], "selected_by": metric}

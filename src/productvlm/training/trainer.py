@@ -5,7 +5,7 @@ RUN/
   config.yaml            the resolved config
   base-model/            only for `model.path: preset:...` (the random preset the run starts from)
   vision-pretrained/     only with train.vision_pretrain: base-model with its tower trained (stage 1)
-  checkpoints/step-N/    Trainer checkpoints, each renamed into place when complete
+  checkpoints/step-N/    Trainer checkpoints, each renamed into place from checkpoint-N when complete
   final/                 the model in the official layout with the processor files (see save_final)
   train_log.jsonl        one JSON object per log/eval event: step, loss, lr, eval_* metrics
   eval_samples.jsonl     per eval: step, file_name, truth and prediction of every validation-subset row
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +25,12 @@ from transformers import Trainer
 from productvlm.config import Config
 from productvlm.errors import UserError
 from productvlm.inference.generate import generate_answers
-from productvlm.models.loading import EXTRA_TRAINABLES, load_extra_trainables, save_quantization
+from productvlm.models.loading import EXTRA_TRAINABLES, save_quantization
 from productvlm.prompting.settings import PromptSettings
 from productvlm.prompting.templates import render
 from productvlm.run_folder import SAMPLES
-from productvlm.training.checkpoints import complete_checkpoints, evals_since_best, ranked_evals, rotate
+from productvlm.training.callbacks import AtomicCheckpoints, TellEpoch
+from productvlm.training.checkpoints import complete_checkpoints, evals_since_best
 from productvlm.training.data import EpochLengthSampler
 from productvlm.training.generation_scores import score
 from productvlm.training.model import extra_trainables, param_groups
@@ -41,23 +41,22 @@ class TrainingDiverged(UserError):
     """The loss or the weights became NaN/inf; nothing from that step on was saved."""
 
 
-class EpochTrainer(Trainer):
-    """Trainer that tells its dataset the epoch, for the augmentation's (seed, epoch, sample) draws."""
+class RunTrainer(Trainer):
+    """Trainer with length grouping from precomputed lengths, atomic checkpoints and eval by generation.
 
-    def _run_epoch(self, **kwargs):
-        # the workers start (copying the dataset) when the epoch's iteration does
-        if hasattr(self.train_dataset, "set_epoch"):
-            self.train_dataset.set_epoch(kwargs["epoch"])
-        return super()._run_epoch(**kwargs)
-
-
-class RunTrainer(EpochTrainer):
-    """Trainer with length grouping from precomputed lengths, atomic checkpoints and eval by generation."""
+    Of transformers' private methods it overrides only `_get_train_sampler` (README, Train: "Trainer
+    internals we rely on"); the rest goes through callbacks and public methods.
+    """
 
     def __init__(self, *args, run_cfg: Config, eval_rows: list[dict[str, Any]], **kwargs):
         super().__init__(*args, **kwargs)
         self.run_cfg, self.eval_rows = run_cfg, eval_rows
-        self._sampler: EpochLengthSampler | None = None
+        self.length_sampler = None
+        if run_cfg.train.group_by_length:
+            size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            self.length_sampler = EpochLengthSampler(size, self.train_dataset.lengths, self.args.seed)
+        self.add_callback(TellEpoch(self.train_dataset, self.length_sampler))
+        self.add_callback(AtomicCheckpoints(run_cfg.train.save_total_limit, run_cfg.eval.metric))
 
     def create_optimizer(self, model=None):
         """transformers' optimizer for train.optim over per-part groups: train.lr_vision / lr_projector / lr."""
@@ -77,63 +76,23 @@ class RunTrainer(EpochTrainer):
         return self.optimizer
 
     def _get_train_sampler(self, train_dataset=None):
-        if not self.run_cfg.train.group_by_length:
+        # private, but the only hook for a sampler short of rebuilding the whole DataLoader
+        if self.length_sampler is None:
             return super()._get_train_sampler(train_dataset)
-        ds = train_dataset if train_dataset is not None else self.train_dataset
-        size = self.args.train_batch_size * self.args.gradient_accumulation_steps
-        self._sampler = EpochLengthSampler(size, ds.lengths, self.args.seed)
-        return self._sampler
+        return self.length_sampler
 
-    def _run_epoch(self, **kwargs):
-        # accelerate's skip_first_batches wrapper (used on resume) does not forward set_epoch
-        if self._sampler is not None:
-            self._sampler.set_epoch(kwargs["epoch"])
-        return super()._run_epoch(**kwargs)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """Write the checkpoint under a staging name, then rename it to checkpoints/step-N (atomic).
-
-        Every process writes into the staging folder (its RNG state at least); the main process
-        renames it once all have finished. The run folder must be on storage all processes share.
-        """
-        self._check_finite_weights(model)
-        root = Path(self.args.output_dir)
-        staging = root / ".staging"
-        main = self.is_world_process_zero()
-        if main:
-            shutil.rmtree(staging, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self._staging = str(staging)
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging = None
-        self.accelerator.wait_for_everyone()
-        if main:
-            written = staging / f"checkpoint-{self.state.global_step}"
-            target = root / f"step-{self.state.global_step:06d}"
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(written, target)
-            shutil.rmtree(staging, ignore_errors=True)
-            best = self.best_checkpoint()
-            rotate(root, self.run_cfg.train.save_total_limit, keep=best[0] if best else None)
-        self.accelerator.wait_for_everyone()
-
-    def _get_output_dir(self, trial) -> str:
-        return getattr(self, "_staging", None) or super()._get_output_dir(trial)
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's save (a checkpoint's weights too), refused for NaN/inf weights, plus the
+        trainables a peft adapter file does not hold. Checkpoints are renamed into place by
+        `AtomicCheckpoints` once every process has written its part."""
+        self._check_finite_weights(self.model)
+        super().save_model(output_dir, _internal_call)
         folder = output_dir or self.args.output_dir
         extra = extra_trainables(self.model)
         if extra and self.args.should_save:
             save_file(extra, os.path.join(folder, EXTRA_TRAINABLES))
         if self.args.should_save:
             save_quantization(self.model, folder)  # qlora: a checkpoint's adapter loads on a 4-bit base too
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_extra_trainables(model or self.model, Path(resume_from_checkpoint))
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """A step whose loss is NaN/inf (on any process) stops the run before the optimizer uses it.
@@ -207,15 +166,6 @@ class RunTrainer(EpochTrainer):
             self.control.should_training_stop = True
             self.log({"early_stop": 1.0, "evals_without_improvement": float(patience)})
         return metrics
-
-    def best_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
-        """(checkpoint folder, its eval log entry) of the best evaluated step that has a checkpoint."""
-        root = Path(self.args.output_dir)
-        for entry in ranked_evals(self.state.log_history, self.run_cfg.eval.metric):
-            path = root / f"step-{entry['step']:06d}"
-            if path.is_dir():
-                return path, entry
-        return None
 
     def _log_samples(self, answers: list[str]) -> None:
         """Image, truth and prediction per validation row: to RUN/eval_samples.jsonl and the tracker."""

@@ -24,17 +24,17 @@ import torch
 from accelerate import PartialState
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import PrinterCallback, TrainingArguments, set_seed
+from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from productvlm.config import Config
 from productvlm.errors import UserError
-from productvlm.inference.inputs import load_image, photo_tensors
+from productvlm.inference.inputs import load_image, photo_tensors, to_model
 from productvlm.prompting.templates import sample_name
 from productvlm.run_folder import VISION_PRETRAINED
+from productvlm.training.callbacks import TellEpoch
 from productvlm.training.data import TrainingPhotos, rows_of
-from productvlm.training.model import load_model
+from productvlm.training.model import freeze_unused_tower, load_model
 from productvlm.training.progress import RichProgress
-from productvlm.training.trainer import EpochTrainer
 
 RESULT = "vision_pretrain.json"
 
@@ -111,7 +111,7 @@ def accuracy(
             {"image": load_image(r["image_path"]), "labels": t}
             for r, t in zip(rows[i : i + batch], targets[i:])
         ]
-        inputs = collate(chunk)
+        inputs = to_model(collate(chunk), model)
         right += int((model(inputs["pixel_values"])["logits"].argmax(-1) == inputs["labels"]).sum())
     return right / len(rows)
 
@@ -141,6 +141,7 @@ def pretrain_vision(cfg: Config, run: Path, base: str, args: TrainingArguments, 
     )
     set_seed(t.seed)
     classifier = TowerClassifier(model.model.vision_embed_tokens, len(classes))
+    freeze_unused_tower(model)
     scratch = run / ".vision-pretrain"
     args = dataclasses.replace(
         args,
@@ -154,11 +155,12 @@ def pretrain_vision(cfg: Config, run: Path, base: str, args: TrainingArguments, 
         activation_checkpointing=False,
     )
     bar = RichProgress("vision pretrain") if progress else None
-    trainer = EpochTrainer(
+    trainer = Trainer(
         model=classifier,
         args=args,
         train_dataset=photos,
         data_collator=GlobalViews(processor, cfg.data.num_crops),
+        callbacks=[TellEpoch(photos)],
     )
     if bar:
         trainer.remove_callback(PrinterCallback)
