@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import types
 from pathlib import Path
 
 import httpx
@@ -22,6 +21,7 @@ from PIL import Image
 
 from browser import chromium
 from productvlm.data import folder
+from productvlm.serving.batching import Completion
 from serve_helpers import product_jpeg, running_server
 
 SCRIPT = "<script>window.__pwned=1</script>"
@@ -130,9 +130,7 @@ def hostile_server(tiny_model_dir, tmp_path):
 
     def answer_with_markup(prepared, max_tokens, *args, **kwargs):
         done = asyncio.get_running_loop().create_future()
-        done.set_result(
-            types.SimpleNamespace(text=ANSWER, finish_reason="stop", prompt_tokens=1, completion_tokens=1)
-        )
+        done.set_result(Completion(ANSWER, prompt_tokens=1, completion_tokens=1, finish_reason="stop"))
         return done
 
     app.state.batcher.submit = answer_with_markup
