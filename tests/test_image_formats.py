@@ -207,4 +207,4 @@ def test_the_api_still_reads_a_photo(server):
     r = httpx.post(
         f"{server}/v1/catalog", files={"file": ("a.jpg", product_jpeg(1), "image/jpeg")}, timeout=60
     )
-    assert r.status_code == 200 and set(r.json()) == {"title", "category", "price", "raw"}
+    assert r.status_code == 200 and {"title", "category", "price", "raw"} <= set(r.json())

@@ -222,6 +222,7 @@ def test_two_torchrun_processes_write_what_one_writes(reference, catalog, tiny_m
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_20000_rows_two_processes_killed_and_resumed_equal_one_process(tiny_model_dir, tmp_path):
     """20,000 rows: one process as the reference; two torchrun processes killed with SIGKILL (launcher and
     workers) mid-run, then rerun: the merged output equals the reference row for row, every id once."""

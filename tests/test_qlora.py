@@ -252,6 +252,7 @@ def test_qlora_under_fsdp_is_refused(monkeypatch, data_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_qlora_learns_the_categories_through_productvlm_train(tmp_path):
     """`productvlm train` with method qlora on a 600-row catalog: the preset's tower first learns the photos
     alone (stage 1, as a real Phi-3-V's arrives pretrained), then is quantized with the decoder, and LoRA

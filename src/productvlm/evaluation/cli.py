@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from productvlm.errors import UserError
+from productvlm.inference.cli_options import Compiled, Device, Dtype, NumCrops
 
 console = Console(stderr=True)  # stdout stays clean for `predict` JSON lines
 
@@ -96,7 +97,7 @@ def eval_command(
         ..., "--data", "-d", help="Dataset folder (from `data synth` / `data import`)."
     ),
     split: str = typer.Option("test", "--split", help="Split to evaluate on (train, validation, test)."),
-    num_crops: int | None = typer.Option(None, "--num-crops", min=1, max=16, help="Default: as trained."),
+    num_crops: NumCrops = None,
     batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Rows per generate() call."),
     constrained: bool = typer.Option(
         False, "--constrained", help="Decode only answers of the template (known categories, numeric price)."
@@ -104,15 +105,10 @@ def eval_command(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N rows of the split."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default RUN/eval-SPLIT)."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 ... (auto: cuda if present)."),
-    dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 (auto: bf16 on GPU)."),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed for the confidence intervals."),
-    compiled: bool | None = typer.Option(
-        None,
-        "--compile/--no-compile",
-        help="Static KV cache + compiled decode step (default: on for CUDA, off on the CPU).",
-        show_default=False,
-    ),
+    compiled: Compiled = None,
 ) -> None:
     """Generate on a split, score title / category / price against the truth and the train-split
     baselines; writes metrics.json, predictions.jsonl and a self-contained report.html."""
@@ -185,16 +181,11 @@ def predict_command(
         max=1.0,
         help="needs_review below the threshold at which each field's accepted validation rows reach A.",
     ),
-    num_crops: int | None = typer.Option(None, "--num-crops", min=1, max=16, help="Default: as trained."),
+    num_crops: NumCrops = None,
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
-    device: str = typer.Option("auto", "--device"),
-    dtype: str = typer.Option("auto", "--dtype"),
-    compiled: bool | None = typer.Option(
-        None,
-        "--compile/--no-compile",
-        help="Static KV cache + compiled decode step (default: on for CUDA, off on the CPU).",
-        show_default=False,
-    ),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    compiled: Compiled = None,
 ) -> None:
     """Catalog entries for product photos: one row per input (id, image, title, category, price, per-field
     confidence, needs_review, raw, error). Several processes: `torchrun --nproc-per-node N -m productvlm

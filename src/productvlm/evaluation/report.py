@@ -174,7 +174,9 @@ def figure_sections(
         ],
         "Category": [PageFigure("confusion", "counts; (none): no category parsed", confusion(predictions))],
         "Confidence": [
-            PageFigure("risk-coverage", "risk-coverage, calibrated confidence", risk_coverage_plot(predictions))
+            PageFigure(
+                "risk-coverage", "risk-coverage, calibrated confidence", risk_coverage_plot(predictions)
+            )
         ],
         "Training": [PageFigure("curves", str(train_log), training_curves(train_log))],
     }

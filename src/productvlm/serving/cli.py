@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from productvlm.inference.cli_options import Compiled, Device, Dtype
+
 console = Console(stderr=True)
 
 
@@ -25,8 +27,8 @@ def serve_command(
     allow_remote_images: bool = typer.Option(
         False, "--allow-remote-images", help="Fetch http(s) image URLs (public addresses only)."
     ),
-    dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto (bfloat16 on a GPU)."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:1 ... or auto (cuda when there is one)."),
+    dtype: Dtype = "auto",
+    device: Device = "auto",
     api_key: str | None = typer.Option(
         None,
         "--api-key",
@@ -37,12 +39,7 @@ def serve_command(
     metrics_need_key: bool = typer.Option(
         False, "--metrics-need-key", help="With --api-key, /metrics needs the key too (else it stays open)."
     ),
-    compiled: bool | None = typer.Option(
-        None,
-        "--compile/--no-compile",
-        show_default=False,
-        help="Static KV cache + compiled decode step, warmed up at start (default: on for CUDA).",
-    ),
+    compiled: Compiled = None,
 ) -> None:
     """Serve the model over HTTP: OpenAI-compatible chat completions, a catalog endpoint and a page."""
     from productvlm.serving.allocator import Trim, bound_malloc

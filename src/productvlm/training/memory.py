@@ -553,9 +553,9 @@ def states(cfg: Config, w: Widths, devices: int, sharding: str) -> tuple[float, 
         )
         per_layer = lora_params(w.decoder_linears(), t.lora.targets, t.lora)
         vision = lora_params(w.vision_linears(), VISION_TARGETS, t.lora) if t.lora.vision else 0
-        weights += adapter * (w.layers * per_layer + w.v_layers * vision)
+        weights += adapter * (w.layers * per_layer + used * vision)  # none on the unused last layer
         trainable = [(adapter, w.layers * per_layer + used * vision)]
-        if method == "lora+projector":
+        if method == "lora+projector" or t.lora.projector:
             trainable.append((dtype, p.projector))
     else:
         weights = dtype * (p.decoder(w.layers) + p.vision(w.v_layers) + p.projector)
