@@ -76,6 +76,7 @@ def test_tiny_model_learns_from_the_images(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 737 s on 2 cores shared with another test run; ~7 min idle
 def test_tiny_demo_config_learns_from_the_images(tmp_path):
     """configs/tiny-cpu.yaml as shipped, on the demo's catalog (2000 rows, the tower's stage 1 and 20
     epochs, ~7 min): what `make demo` reports. The blank-image control is the fast test's job."""
