@@ -19,18 +19,18 @@ from bench import bench_gpu  # noqa: E402
 from bench.common import tiny_model  # noqa: E402
 
 
+def run_without_cuda(module: str, timeout: float) -> subprocess.CompletedProcess:
+    """`python -m module` from the repo root with no CUDA device visible."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
+    return subprocess.run(
+        [sys.executable, "-m", module], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def test_without_cuda_it_says_why_and_exits_0(tmp_path):
     results = REPO / "bench" / "results"
     before = sorted(results.glob("gpu-*.json"))
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.bench_gpu"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_without_cuda("bench.bench_gpu", timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "bench-gpu: skipped: no CUDA device (torch.cuda.is_available() is False)"
     assert sorted(results.glob("gpu-*.json")) == before  # nothing written

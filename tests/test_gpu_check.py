@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,20 +13,13 @@ sys.path.insert(0, str(REPO))  # `bench` lives at the repo root
 
 from bench import gpu_check  # noqa: E402
 from bench.common import tiny_model  # noqa: E402
+from test_bench_gpu import run_without_cuda  # noqa: E402
 
 
 def test_without_cuda_it_says_so_and_exits_0():
     results = REPO / "bench" / "results"
     before = sorted(results.glob("gpu-check-*.json"))
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.gpu_check"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_without_cuda("bench.gpu_check", timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "gpu-check: skipped: no CUDA device"
     assert sorted(results.glob("gpu-check-*.json")) == before  # nothing written

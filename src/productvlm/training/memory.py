@@ -88,14 +88,12 @@ def model_config_of(path: str) -> Phi3VConfig:
 @cache
 def preset_widths(name: str) -> Phi3VConfig:
     """A preset's config without training its tokenizer (11 s): only the vocabulary's size is needed."""
-    import inspect
-
     from productvlm.models.phi3v.presets import PRESETS, preset_config
-    from productvlm.models.phi3v.tokenizer import SPECIAL_TOKENS, build_tokenizer
+    from productvlm.models.phi3v.tokenizer import SPECIAL_TOKENS, VOCAB_SIZE
 
     if name not in PRESETS:
         raise UserError(f"model.path: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    size = inspect.signature(build_tokenizer).parameters["vocab_size"].default + len(SPECIAL_TOKENS)
+    size = VOCAB_SIZE + len(SPECIAL_TOKENS)
 
     class Vocabulary:  # what preset_config reads of a tokenizer
         def __len__(self):

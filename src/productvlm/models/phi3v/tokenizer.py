@@ -174,7 +174,10 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 1000) -> PreTrainedTokenizerFast:
+VOCAB_SIZE = 1000  # the BPE vocabulary a preset trains, before the special tokens
+
+
+def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
     """A Llama-style byte-fallback BPE tokenizer with Phi-3's special tokens, deterministic."""
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
