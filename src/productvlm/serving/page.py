@@ -5,6 +5,16 @@ the time each answer took). With `--api-key` the page asks for the key once and 
 The page is static (`templates/serve.html`): everything it shows from the server (model name, currency,
 the model's answers, error messages) is set with `textContent`, never parsed as HTML."""
 
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse
+
 from productvlm.pages import template_text
 
 PAGE = template_text("serve.html")
+
+router = APIRouter()
+
+
+@router.get("/", response_class=HTMLResponse)
+async def page() -> str:
+    return PAGE
