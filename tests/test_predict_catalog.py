@@ -260,3 +260,14 @@ def test_review_threshold_from_the_command_line(tiny_model_dir, tmp_path):
     assert [r["needs_review"] for r in read_jsonl(tmp_path / "all.jsonl")] == [False] * 5 + [True]
     with pytest.raises(UserError, match="needs a calibrated model"):
         invoke("--model", tiny_model_dir, "--input", table, "--target-accuracy", 0.9, *FAST)
+
+
+def test_review_options_are_checked_before_the_model_loads(tmp_path):
+    table = make_catalog(tmp_path / "cat", 2)
+    not_a_model = tmp_path / "no-model"  # never read: both mistakes are caught first
+    with pytest.raises(UserError, match="--review-below or --target-accuracy, not both"):
+        invoke("--model", not_a_model, "--input", table, "--review-below", 0.5, "--target-accuracy", 0.9)
+    out_of_range = CliRunner().invoke(
+        app, ["predict", "--model", str(not_a_model), "--input", str(table), "--review-below", "1.5"]
+    )
+    assert out_of_range.exit_code == 2 and "--review-below" in out_of_range.output

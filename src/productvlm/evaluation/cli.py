@@ -11,7 +11,15 @@ from rich.console import Console
 from rich.table import Table
 
 from productvlm.errors import UserError
-from productvlm.inference.cli_options import Compiled, Device, Dtype, NumCrops
+from productvlm.inference.cli_options import (
+    Compiled,
+    Device,
+    Dtype,
+    NumCrops,
+    ReviewBelow,
+    TargetAccuracy,
+    check_review_options,
+)
 
 console = Console(stderr=True)  # stdout stays clean for `predict` JSON lines
 
@@ -167,20 +175,8 @@ def predict_command(
     chunk_rows: int = typer.Option(
         256, "--chunk-rows", min=1, help="Rows per part file (the unit of resuming and of sharding)."
     ),
-    review_below: float | None = typer.Option(
-        None,
-        "--review-below",
-        min=0.0,
-        max=1.0,
-        help="needs_review when a field's confidence is below P (0.5).",
-    ),
-    target_accuracy: float | None = typer.Option(
-        None,
-        "--target-accuracy",
-        min=0.0,
-        max=1.0,
-        help="needs_review below the threshold at which each field's accepted validation rows reach A.",
-    ),
+    review_below: ReviewBelow = None,
+    target_accuracy: TargetAccuracy = None,
     num_crops: NumCrops = None,
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
     device: Device = "auto",
@@ -202,8 +198,7 @@ def predict_command(
 
     if sum(x is not None and x != [] for x in (images, input_table, data)) != 1:
         raise UserError("give image files, --input TABLE or --data DIR (one of the three)")
-    if review_below is not None and target_accuracy is not None:
-        raise UserError("give --review-below or --target-accuracy, not both")
+    check_review_options(review_below, target_accuracy)
     if images:
         items = lambda: file_items(images)  # noqa: E731
         source = [str(Path(p).resolve()) for p in images]

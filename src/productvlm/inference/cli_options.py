@@ -1,4 +1,4 @@
-"""The options every verb that runs a model shares (`eval`, `predict`, `serve`), written once.
+"""The options of the verbs that run a model (`eval`, `predict`, `serve`), each declared once.
 
 Typer reads a parameter's option from its `Annotated` type, so a verb declares `device: Device = "auto"`.
 """
@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+
+from productvlm.errors import UserError
 
 Device = Annotated[
     str, typer.Option("--device", help="cpu, cuda, cuda:1 ... (auto: cuda when there is one).")
@@ -23,4 +25,32 @@ Compiled = Annotated[
     ),
 ]
 
-__all__ = ["Device", "Dtype", "NumCrops", "Compiled"]
+
+def _fraction(flag: str, help: str):
+    """An optional number from 0 to 1."""
+    return Annotated[float | None, typer.Option(flag, min=0.0, max=1.0, help=help)]
+
+
+# Two ways to set the per-field confidence under which a row needs review (prompting.confidence.review_thresholds).
+ReviewBelow = _fraction("--review-below", "needs_review when a field's confidence is below P (0.5).")
+TargetAccuracy = _fraction(
+    "--target-accuracy",
+    "needs_review below the threshold at which each field's accepted validation rows reach A.",
+)
+
+
+def check_review_options(review_below: float | None, target_accuracy: float | None) -> None:
+    """At most one of --review-below and --target-accuracy: checked before the model loads."""
+    if review_below is not None and target_accuracy is not None:
+        raise UserError("give --review-below or --target-accuracy, not both")
+
+
+__all__ = [
+    "Device",
+    "Dtype",
+    "NumCrops",
+    "Compiled",
+    "ReviewBelow",
+    "TargetAccuracy",
+    "check_review_options",
+]
