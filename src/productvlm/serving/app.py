@@ -16,40 +16,13 @@ from fastapi import FastAPI
 from productvlm.prompting.settings import PromptSettings
 from productvlm.serving import catalog_routes, health_routes, openai_routes, page
 from productvlm.serving.auth import APIKeyMiddleware
-from productvlm.serving.errors import APIError, error_response, install_error_handlers
+from productvlm.serving.errors import install_error_handlers
 from productvlm.serving.images import is_public
 from productvlm.serving.metrics import MetricsMiddleware
+from productvlm.serving.middleware import BodyLimitMiddleware
 from productvlm.serving.model_server import ModelServer, ServeSettings
 
 ROUTERS = (page.router, health_routes.router, openai_routes.router, catalog_routes.router)
-
-
-class BodyLimitMiddleware:
-    """413 for bodies over `max_bytes`: by Content-Length up front, else while the body streams in."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        too_large = APIError(
-            413, f"request body over the limit of {self.max_bytes:,} bytes", "body_too_large"
-        )
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await error_response(413, too_large.message, too_large.code)(scope, receive, send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise too_large
-            return message
-
-        await self.app(scope, limited_receive, send)
 
 
 def create_app(
@@ -105,4 +78,4 @@ def app_from_folder(
     )
 
 
-__all__ = ["BodyLimitMiddleware", "ServeSettings", "app_from_folder", "create_app"]
+__all__ = ["ServeSettings", "app_from_folder", "create_app"]

@@ -9,6 +9,7 @@ import hmac
 from fastapi.responses import JSONResponse
 
 from productvlm.serving.errors import error_body
+from productvlm.serving.middleware import HTTPMiddleware
 
 API_KEY_ENV = "PRODUCTVLM_API_KEY"
 
@@ -26,16 +27,17 @@ def bearer_token(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     return None
 
 
-class APIKeyMiddleware:
+class APIKeyMiddleware(HTTPMiddleware):
     """Pure ASGI, so a refused request never reaches the body-size limit, the app or the model."""
 
     def __init__(self, app, api_key: str, protect_metrics: bool = False):
         if not api_key:
             raise ValueError("api_key is empty")
-        self.app, self.key, self.protect_metrics = app, api_key.encode(), protect_metrics
+        super().__init__(app)
+        self.key, self.protect_metrics = api_key.encode(), protect_metrics
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not needs_key(scope["path"], self.protect_metrics):
+    async def handle(self, scope, receive, send):
+        if not needs_key(scope["path"], self.protect_metrics):
             return await self.app(scope, receive, send)
         token = bearer_token(scope["headers"])
         if token is not None and hmac.compare_digest(token, self.key):

@@ -7,6 +7,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from productvlm.serving.middleware import HTTPMiddleware
+
 ENDPOINTS = {"/", "/health", "/metrics", "/v1/chat/completions", "/v1/catalog", "/v1/models"}
 
 
@@ -37,15 +39,14 @@ class Metrics:
         )
 
 
-class MetricsMiddleware:
-    """Pure ASGI (not BaseHTTPMiddleware), so streaming responses are timed to their end."""
+class MetricsMiddleware(HTTPMiddleware):
+    """Pure ASGI, so streaming responses are timed to their end."""
 
     def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+        super().__init__(app)
+        self.metrics = metrics
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+    async def handle(self, scope, receive, send):
         endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
         status = {"code": 500}
         start = time.perf_counter()
