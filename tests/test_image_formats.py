@@ -23,6 +23,9 @@ from productvlm.data import folder
 from productvlm.data.fetch import FetchOptions
 from productvlm.data.images import BadImage, decode_photo, to_dataset_jpeg
 from productvlm.data.importer import import_dataset
+from productvlm.errors import UserError
+from productvlm.models.phi3v.image_processing_phi3v import Phi3VImageProcessor
+from productvlm.photo_formats import PHOTO_FORMATS
 from serve_helpers import data_url, image_message, product_jpeg, running_server
 
 RED = (200, 20, 20)
@@ -145,6 +148,38 @@ def test_photo_metadata_is_no_polyglot():
     with Image.open(io.BytesIO(buf.getvalue())) as im:
         assert im.format == "MPO"
     assert decode_photo(buf.getvalue()).size == (64, 48)
+
+
+# ------------------------------------------------------------------ the model's image processor
+
+
+@pytest.mark.parametrize("name", ["eps", "psd", "ico", "svg", "pdf"])
+def test_the_image_processor_opens_files_with_the_same_parsers(tmp_path, monkeypatch, name):
+    """A path given to the model's processor (predict on image files, a transformers pipeline) is opened
+    with the six photo parsers only: EPS, PSD and ICO, which Pillow alone parses, get a UserError."""
+    path = tmp_path / f"photo.{name}"
+    path.write_bytes(HOSTILE[name])
+    Image.init()
+    called = []
+    for fmt, (_, accept) in list(Image.OPEN.items()):
+        if fmt not in PHOTO_FORMATS:
+            monkeypatch.setitem(Image.OPEN, fmt, (lambda *a, f=fmt: called.append(f), accept))
+    processor = Phi3VImageProcessor(num_crops=1)
+    refused = rf"cannot read image {re.escape(str(path))}: not a supported image"
+    with pytest.raises(UserError, match=refused):
+        processor(path)
+    with pytest.raises(UserError, match=refused):
+        processor.calc_num_image_tokens([path])  # reads the header only
+    assert called == []
+
+
+def test_the_image_processor_still_opens_the_six_formats(tmp_path):
+    processor = Phi3VImageProcessor(num_crops=1)
+    for fmt in PHOTO_FORMATS:
+        path = tmp_path / f"photo.{fmt.lower()}"
+        path.write_bytes(_pillow(fmt))
+        from_file, decoded = processor(path), processor(decode_photo(_pillow(fmt)))
+        assert from_file["pixel_values"].equal(decoded["pixel_values"]), fmt
 
 
 # ------------------------------------------------------------------ import

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "productvlm"
 
 # Lowest floor first. A unit is a top-level module or package of productvlm.
 FLOORS = [
-    {"errors", "config", "run_folder", "prices", "pages"},
+    {"errors", "config", "run_folder", "prices", "pages", "photo_formats"},
     {"prompting"},
     {"data", "models"},
     {"inference"},

@@ -19,13 +19,11 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from productvlm.photo_formats import OPENED_AS, PHOTO_FORMATS, SUPPORTED
+
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_BYTES = 50 * 2**20
 DEFAULT_MIN_SIDE = 16
-# Pillow plugin names; a JPEG with extra frames (phones' depth maps, MPF) opens as "MPO"
-PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-_OPENED_AS = {*PHOTO_FORMATS, "MPO"}
-SUPPORTED = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 _ORIENTATION_TAG = 0x0112
 _JPEG_END = b"\xff\xd9"  # every JPEG the dataset stores ends with this marker
 # What Pillow raises on hostile or broken bytes: decoders read past the end (EOFError, struct.error,
@@ -134,7 +132,7 @@ def _open_header(fp) -> Image.Image:
         raise BadImage(f"not a supported image ({_what(fp)}; {SUPPORTED} expected)") from e
     except PIL_ERRORS as e:
         raise _unreadable(e) from e
-    if im.format not in _OPENED_AS:  # a plugin registered under another name: never decode it
+    if im.format not in OPENED_AS:  # a plugin registered under another name: never decode it
         raise BadImage(f"not a supported image ({im.format}; {SUPPORTED} expected)")
     return im
 

@@ -25,6 +25,7 @@ from transformers.processing_utils import ImagesKwargs
 
 from productvlm.errors import UserError
 from productvlm.models.phi3v.image_tokens import hd_grid, num_image_tokens
+from productvlm.photo_formats import OPENED_AS, PHOTO_FORMATS, SUPPORTED
 
 logger = logging.getLogger(__name__)
 
@@ -278,15 +279,24 @@ def _to_rgb(image, composite_on_white: bool = True) -> PIL.Image.Image:
 
 
 def _open(path, decode: bool = True) -> PIL.Image.Image:
-    """Open an image file (decoded, or only its header); unreadable files raise UserError naming them."""
+    """Open a photo file (decoded, or only its header) with the photo formats' parsers only; unreadable
+    or other files raise UserError naming them."""
     path = os.fspath(path)
+    unsupported = UserError(
+        f"cannot read image {path}: not a supported image ({SUPPORTED} expected), or a broken one. "
+        "Replace or re-export the image file."
+    )
     try:
-        with PIL.Image.open(path) as image:
+        with PIL.Image.open(path, formats=PHOTO_FORMATS) as image:
+            if image.format not in OPENED_AS:  # a plugin registered under another name: never decode it
+                raise unsupported
             if decode:
                 image.load()
             return image
     except FileNotFoundError as e:
         raise UserError(f"image file not found: {path}") from e
+    except PIL.UnidentifiedImageError as e:
+        raise unsupported from e
     except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
         raise UserError(f"cannot read image {path}: {e}. Replace or re-export the image file.") from e
 
