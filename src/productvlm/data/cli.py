@@ -44,7 +44,7 @@ def synth(
         "--kind",
         help="fashion (9 balanced categories), home (8 home-goods categories, other photo sizes and "
         "price rule), longtail (shaped like the real price lists: Zipf categories, N.A., 35 to 570k), "
-        "numerals (10 tees told apart only by a printed glyph; b/d, p/q, R/Я are mirror pairs, so do not "
+        "numerals (10 tees told apart only by a printed glyph; b/d, p/q, R/reversed R are mirror pairs, so do not "
         "flip them in training) or close (5 bags told apart only by small symmetric details).",
     ),
 ) -> None:

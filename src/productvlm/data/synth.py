@@ -237,14 +237,14 @@ LONGTAIL_CATEGORIES = _longtail_categories()
 # turns one class into another; the four digits' mirror images belong to no class.
 NUMERAL_MATERIALS = {"Cotton": 1.0, "Striped": 1.15, "Knit": 1.3}
 _TEE = ("Cotton", "Striped", "Knit")
-# (category3, glyph in the title, glyph drawn, drawn mirrored, base price)
+# (category3, glyph as the title names it, glyph drawn, drawn mirrored, base price)
 _NUMERALS = (
     ("LETTER B", "b", "b", False, 40),
     ("LETTER D", "d", "b", True, 52),
     ("LETTER P", "p", "p", False, 44),
     ("LETTER Q", "q", "p", True, 58),
     ("LETTER R", "R", "R", False, 48),
-    ("LETTER YA", "Я", "R", True, 64),
+    ("REVERSED R", "Reversed R", "R", True, 64),  # "Я" in words: constrained decoding skips byte tokens
     ("NUMBER 2", "2", "2", False, 36),
     ("NUMBER 3", "3", "3", False, 60),
     ("NUMBER 4", "4", "4", False, 42),
@@ -259,7 +259,7 @@ NUMERAL_CATEGORIES: tuple[Category, ...] = tuple(
 MIRROR_PAIRS: tuple[tuple[str, str], ...] = (
     ("LETTER B", "LETTER D"),
     ("LETTER P", "LETTER Q"),
-    ("LETTER R", "LETTER YA"),
+    ("LETTER R", "REVERSED R"),
 )
 
 
