@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
-from productvlm.data import folder, synth
+from productvlm.data import folder, shapes, synth
 from productvlm.errors import UserError
 
 ROWS = 90  # > 64, so the process pool renders them
@@ -206,3 +206,99 @@ def test_cli_makes_the_other_kinds(tmp_path):
         app, ["data", "synth", "--out", str(tmp_path / "x"), "--rows", "2", "--kind", "toys"]
     )
     assert isinstance(bad.exception, UserError) and "--kind 'toys'" in str(bad.exception)  # main() exits 2
+
+
+# ---------------------------------------------------------------- numerals and close: hard on purpose
+
+
+def photo_at_112(img: Image.Image) -> np.ndarray:
+    """The photo as the tiny recipe's 112 px crop sees it: long side 112 (then padded)."""
+    scale = 112 / max(img.size)
+    small = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
+    return np.asarray(small, dtype=np.float32)
+
+
+def render_as(kind: str, category: synth.Category, state: str) -> Image.Image:
+    """The photo of a product of `category` drawn with the random state `state` (same spec otherwise)."""
+    rng = random.Random(state)
+    spec = synth.sample_spec(rng, synth.CATALOGS[kind])
+    spec = synth.ProductSpec(category, spec.colour, spec.material, "", spec.full_price)
+    return synth.render(spec, rng, synth.CATALOGS[kind])
+
+
+@pytest.mark.parametrize("kind", ["numerals", "close"])
+def test_hard_kinds_same_seed_same_bytes_balanced_and_schema(kind, tmp_path):
+    a, b, c = (tmp_path / n for n in "abc")
+    for out, seed in ((a, 3), (b, 3), (c, 4)):
+        synth.synthesize(out, rows=24, seed=seed, workers=1, progress=False, kind=kind)
+    assert files(a) == files(b) and files(a).keys() != files(c).keys()
+    catalog = synth.CATALOGS[kind]
+    by_code = {x.code3: x for x in catalog.categories}
+    assert len(by_code) == {"numerals": 10, "close": 5}[kind]
+    for r in all_rows(a):
+        assert set(r) == {*folder.CATALOG_COLUMNS, "file_name", "image_path"}
+        cat = by_code[r["category3_code"]]
+        colour, material, *noun = r["title"].split()
+        assert " ".join(noun) == cat.noun and colour in synth.COLOURS and material in cat.materials
+        expected = cat.base_price * catalog.material_price[material]
+        assert abs(math.log(r["full_price"] / expected)) < 0.2
+        with Image.open(r["image_path"]) as im:
+            assert im.format == "JPEG" and min(im.size) >= 300 and max(im.size) <= 800
+    counts = Counter(s.category.code3 for s in specs(kind, 3000))
+    assert counts.keys() == by_code.keys() and max(counts.values()) / min(counts.values()) < 1.25
+    colours = Counter((s.category.code3, s.colour) for s in specs(kind, 3000))
+    # every colour in every class: the colour does not tell the class
+    assert len(colours) == len(by_code) * len(synth.COLOURS)
+
+
+def test_numerals_differ_only_by_a_glyph_readable_at_112_px():
+    """Same random state, two classes: the photos differ only where the glyph is, and it is large."""
+    cats = {c.code3: c for c in synth.NUMERAL_CATEGORIES}
+    assert {x.noun for x in cats.values()} >= {"Tee b", "Tee d", "Tee p", "Tee q", "Tee R", "Tee Reversed R"}
+    for i, (one, other) in enumerate(
+        [("LETTER B", "LETTER D"), ("LETTER R", "NUMBER 7"), ("NUMBER 2", "LETTER Q")]
+    ):
+        state = f"glyph:{i}"
+        same = photo_at_112(render_as("numerals", cats[one], state))
+        assert np.array_equal(same, photo_at_112(render_as("numerals", cats[one], state)))
+        diff = np.abs(same - photo_at_112(render_as("numerals", cats[other], state))).sum(-1) > 90
+        ys, xs = np.nonzero(diff)
+        assert diff.sum() >= 150, (one, other, diff.sum())  # measured 270-600 px of 112 x 75-112
+        assert ys.max() - ys.min() <= 0.5 * same.shape[0] and xs.max() - xs.min() <= 0.5 * same.shape[1]
+        assert ys.max() - ys.min() >= 20  # the glyphs span 27-44 px of the 112 (measured)
+
+
+def test_numerals_mirror_pairs_print_mirrored_glyphs_and_no_glyph_is_symmetric():
+    cats = {c.code3: c for c in synth.NUMERAL_CATEGORIES}
+    for left, right in synth.MIRROR_PAIRS:
+        a, b = cats[left], cats[right]
+        assert a.glyph == b.glyph and a.mirrored != b.mirrored
+        drawn = np.asarray(shapes.glyph_mask(a.glyph, a.mirrored))
+        assert np.array_equal(drawn[:, ::-1], np.asarray(shapes.glyph_mask(b.glyph, b.mirrored)))
+    for c in cats.values():  # so a left-right flip of any photo prints a glyph of another class or none
+        ink = np.asarray(shapes.glyph_mask(c.glyph, c.mirrored)) > 127
+        overlap = (ink & ink[:, ::-1]).sum() / (ink | ink[:, ::-1]).sum()
+        assert overlap < 0.8, (c.code3, overlap)  # measured 0.44-0.74
+
+
+def test_close_bags_share_one_symmetric_outline_box_and_differ_in_details():
+    """Drawn alone: one bounding box, left-right symmetric, pairwise 10-50% of the bag's pixels differ."""
+    col = synth.COLOURS["Camel"]
+    drawn = {}
+    for c in synth.CLOSE_CATEGORIES:
+        mask, canvas = Image.new("L", (200, 200)), Image.new("RGB", (200, 200), col)
+        c.draw(ImageDraw.Draw(mask), ImageDraw.Draw(canvas), 200, 200, col)
+        drawn[c.code3] = (np.asarray(mask) > 127, np.asarray(canvas, dtype=np.int32))
+    boxes = set()
+    for code, (m, _) in drawn.items():
+        ys, xs = np.nonzero(m)
+        boxes.add((ys.min(), ys.max(), xs.min(), xs.max()))
+        assert (m != m[:, ::-1]).mean() < 0.03, code  # 1-2% measured: rounding of the outlines
+    assert len(boxes) == 1
+    codes = sorted(drawn)
+    for i, one in enumerate(codes):
+        for other in codes[i + 1 :]:
+            (m1, c1), (m2, c2) = drawn[one], drawn[other]
+            differ = (m1 != m2) | (m1 & m2 & (np.abs(c1 - c2).sum(-1) > 30))
+            share = differ.sum() / (m1 | m2).sum()
+            assert 0.1 < share < 0.5, (one, other, share)  # measured 0.14-0.47

@@ -43,7 +43,9 @@ def synth(
         "fashion",
         "--kind",
         help="fashion (9 balanced categories), home (8 home-goods categories, other photo sizes and "
-        "price rule) or longtail (shaped like the real price lists: Zipf categories, N.A., 35 to 570k).",
+        "price rule), longtail (shaped like the real price lists: Zipf categories, N.A., 35 to 570k), "
+        "numerals (10 tees told apart only by a printed glyph; b/d, p/q, R/reversed R are mirror pairs, so do not "
+        "flip them in training) or close (5 bags told apart only by small symmetric details).",
     ),
 ) -> None:
     """Make a synthetic catalog: Burberry-style columns and one rendered photo per product.

@@ -6,12 +6,13 @@ canvas, at any size: coordinates are fractions of the product's bounding box.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from typing import Any
 
 import numpy as np
-from PIL import ImageDraw
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 RGB = tuple[int, int, int]
 METAL: RGB = (196, 166, 92)
@@ -248,6 +249,85 @@ def cushion(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col:
         fill=255,
     )
     c.line(_pts([(0.1, 0.1), (0.9, 0.9)], w, h), fill=_ink(col), width=max(1, w // 120))
+
+
+# ---------------------------------------------------------------- printed tees (the `numerals` catalog)
+
+
+def tee(m: ImageDraw.ImageDraw, c: ImageDraw.ImageDraw, w: int, h: int, col: RGB) -> None:
+    """A left-right symmetric T-shirt; its torso (x 0.22-0.78) carries the printed glyph."""
+    m.rectangle([0.22 * w, 0.06 * h, 0.78 * w, h - 1], fill=255)
+    m.polygon(_pts([(0.23, 0.06), (0.02, 0.3), (0.12, 0.42), (0.23, 0.3)], w, h), fill=255)
+    m.polygon(_pts([(0.77, 0.06), (0.98, 0.3), (0.88, 0.42), (0.77, 0.3)], w, h), fill=255)
+    m.chord([0.36 * w, -0.06 * h, 0.64 * w, 0.16 * h], 0, 180, fill=0)  # neckline
+    c.arc([0.36 * w, -0.06 * h, 0.64 * w, 0.16 * h], 0, 180, fill=_shade(col, 0.7), width=max(2, w // 50))
+
+
+GLYPH_PX = 160  # the glyph is rasterised once at this size, then scaled to the product
+
+
+@functools.cache
+def glyph_mask(char: str, mirrored: bool = False) -> Image.Image:
+    """A bold `char` as an "L" mask cropped to its ink, mirrored left-right if asked."""
+    font = ImageFont.load_default(size=GLYPH_PX)  # the font bundled with Pillow: no system fonts needed
+    img = Image.new("L", (2 * GLYPH_PX, 2 * GLYPH_PX), 0)
+    ImageDraw.Draw(img).text(
+        (GLYPH_PX // 2, GLYPH_PX // 4),
+        char,
+        font=font,
+        fill=255,
+        stroke_width=GLYPH_PX // 18,
+        stroke_fill=255,
+    )
+    img = img.crop(img.getbbox())
+    return ImageOps.mirror(img) if mirrored else img
+
+
+def print_glyph(canvas: Image.Image, char: str, mirrored: bool, col: RGB, rng: random.Random) -> None:
+    """Print `char` large and high-contrast on the tee's chest, with jittered size, place and tilt."""
+    w, h = canvas.size
+    mask = glyph_mask(char, mirrored)
+    gh = max(4, int(h * rng.uniform(0.34, 0.46)))
+    gw = max(2, min(int(0.5 * w), round(mask.width * gh / mask.height)))
+    mask = mask.resize((gw, gh), Image.Resampling.BILINEAR)
+    mask = mask.rotate(rng.uniform(-8, 8), resample=Image.Resampling.BILINEAR, expand=True)
+    cx = w * (0.5 + rng.uniform(-0.03, 0.03))
+    cy = h * (0.6 + rng.uniform(-0.04, 0.04))
+    lum = 0.3 * col[0] + 0.59 * col[1] + 0.11 * col[2]
+    ink = (246, 244, 238) if lum < 125 else (18, 18, 22)
+    canvas.paste(ink, (round(cx - mask.width / 2), round(cy - mask.height / 2)), mask)
+
+
+# ---------------------------------------------------------------- close bag variants (the `close` catalog)
+
+
+def bag_variant(
+    m: ImageDraw.ImageDraw,
+    c: ImageDraw.ImageDraw,
+    w: int,
+    h: int,
+    col: RGB,
+    *,
+    tapered: bool,
+    handles: int,
+    flap: bool = False,
+) -> None:
+    """One body (straight or tapered sides), one or two top handles, optionally a V flap; all symmetric.
+
+    Every variant fills the same bounding box, so only these details tell them apart.
+    """
+    top = 0.2 if tapered else 0.06  # inset of the body's top corners
+    m.polygon(_pts([(top, 0.42), (1 - top, 0.42), (0.94, 1.0), (0.06, 1.0)], w, h), fill=255)
+    lw = max(3, int(w * 0.055))
+    arcs = ((0.2, 0.46), (0.54, 0.8)) if handles == 2 else ((0.3, 0.7),)
+    for x0, x1 in arcs:
+        _both(m, c, "arc", [x0 * w, 0.02 * h, x1 * w, 0.8 * h], 180, 360, fill=_shade(col, 0.78), width=lw)
+    c.line(_pts([(top + 0.01, 0.46), (0.99 - top, 0.46)], w, h), fill=_ink(col), width=max(1, lw // 3))
+    if flap:
+        flap_pts = [(top, 0.42), (1 - top, 0.42), (0.94, 0.5), (0.5, 0.62), (0.06, 0.5)]
+        c.polygon(_pts(flap_pts, w, h), fill=_shade(col, 0.7))  # ~20% of the bag's area
+        r = 0.035 * w
+        c.ellipse([0.5 * w - r, 0.6 * h - r, 0.5 * w + r, 0.6 * h + r], fill=METAL)
 
 
 # ---------------------------------------------------------------- materials (numpy textures)

@@ -4,12 +4,14 @@ Each row is one product: a silhouette (-> category3_code), a colour and a materi
 (-> title words), a size for bags (-> title word and drawn scale), and a price from
 category x material x size with a few percent of noise. Nuisance variation that does not change
 the answer: photo size and aspect ratio, position, rotation, scale jitter, background, lighting,
-JPEG quality. Every row is rendered from its own RNG seeded by (seed, row index), so the output is
+JPEG quality. Other kinds (`CATALOGS`) change the products, photo sizes and price rule.
+Every row is rendered from its own RNG seeded by (seed, row index), so the output is
 byte-identical for a seed no matter how many worker processes render it.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import multiprocessing as mp
@@ -69,6 +71,8 @@ class Category:
     draw: Draw
     sized: bool = False
     genders: tuple[str, ...] = ("WOMAN", "MAN")
+    glyph: str = ""  # printed on the product (`numerals`): this character ...
+    mirrored: bool = False  # ... mirrored left-right
 
 
 # fmt: off
@@ -226,6 +230,54 @@ def _longtail_categories() -> tuple[Category, ...]:
 
 
 LONGTAIL_CATEGORIES = _longtail_categories()
+
+
+# ---- `numerals`: 10 tees of one shape and colour distribution, told apart only by the glyph printed on
+# the chest. Three classes print the mirror image of another's glyph, so a left-right flip of the photo
+# turns one class into another; the four digits' mirror images belong to no class.
+NUMERAL_MATERIALS = {"Cotton": 1.0, "Striped": 1.15, "Knit": 1.3}
+_TEE = ("Cotton", "Striped", "Knit")
+# (category3, glyph as the title names it, glyph drawn, drawn mirrored, base price)
+_NUMERALS = (
+    ("LETTER B", "b", "b", False, 40),
+    ("LETTER D", "d", "b", True, 52),
+    ("LETTER P", "p", "p", False, 44),
+    ("LETTER Q", "q", "p", True, 58),
+    ("LETTER R", "R", "R", False, 48),
+    ("REVERSED R", "Reversed R", "R", True, 64),  # "Я" in words: constrained decoding skips byte tokens
+    ("NUMBER 2", "2", "2", False, 36),
+    ("NUMBER 3", "3", "3", False, 60),
+    ("NUMBER 4", "4", "4", False, 42),
+    ("NUMBER 7", "7", "7", False, 56),
+)
+NUMERAL_CATEGORIES: tuple[Category, ...] = tuple(
+    Category(code3, "PRINTED TEES", f"Tee {shown}", base, 1.0, 0.78, _TEE, shapes.tee, genders=_ANY,
+             glyph=drawn, mirrored=mirrored)
+    for code3, shown, drawn, mirrored, base in _NUMERALS
+)  # fmt: skip
+# Pairs of category3 codes whose photos are mirror images of each other's (up to nuisance variation).
+MIRROR_PAIRS: tuple[tuple[str, str], ...] = (
+    ("LETTER B", "LETTER D"),
+    ("LETTER P", "LETTER Q"),
+    ("LETTER R", "REVERSED R"),
+)
+
+
+# ---- `close`: 5 bags of one bounding box, colours and materials, told apart by small symmetric details:
+# straight or tapered sides (~15% of the body), one or two handles, a flap.
+def _bag(tapered: bool, handles: int, flap: bool = False) -> Draw:
+    return functools.partial(shapes.bag_variant, tapered=tapered, handles=handles, flap=flap)
+
+
+# fmt: off
+CLOSE_CATEGORIES: tuple[Category, ...] = (
+    Category("TOTES", "BAGS", "Tote", 1290, 1.0, 0.7, _BAG, _bag(False, 2)),
+    Category("SHOPPERS", "BAGS", "Shopper", 1590, 1.0, 0.7, _BAG, _bag(True, 2)),
+    Category("SATCHELS", "BAGS", "Satchel", 1890, 1.0, 0.7, _BAG, _bag(False, 1)),
+    Category("BUCKET BAGS", "BAGS", "Bucket Bag", 2190, 1.0, 0.7, _BAG, _bag(True, 1)),
+    Category("FLAP BAGS", "BAGS", "Flap Bag", 2490, 1.0, 0.7, _BAG, _bag(False, 1, flap=True)),
+)
+# fmt: on
 CATALOGS: dict[str, Catalog] = {
     "fashion": Catalog("fashion", CATEGORIES, MATERIAL_PRICE),
     "home": Catalog(
@@ -254,6 +306,14 @@ CATALOGS: dict[str, Catalog] = {
         code_base=80_000_000_000,
         code_span=19_000_000_000,
     ),
+    "numerals": Catalog(
+        "numerals",
+        NUMERAL_CATEGORIES,
+        NUMERAL_MATERIALS,
+        round_price=_round_to_9,
+        code_base=20_000_000,
+    ),
+    "close": Catalog("close", CLOSE_CATEGORIES, MATERIAL_PRICE, code_base=60_000_000),
 }
 KINDS = tuple(CATALOGS)
 
@@ -389,6 +449,8 @@ def render(spec: ProductSpec, rng: random.Random, catalog: Catalog = CATALOGS["f
     canvas = Image.fromarray(np.clip(tex, 0, 255).astype(np.uint8), "RGB")
     mask = Image.new("L", (ow, oh), 0)
     cat.draw(ImageDraw.Draw(mask), ImageDraw.Draw(canvas), ow, oh, col)
+    if cat.glyph:
+        shapes.print_glyph(canvas, cat.glyph, cat.mirrored, col, rng)
     angle = rng.uniform(-12, 12)
     canvas = canvas.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
     mask = mask.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
@@ -483,7 +545,9 @@ def synthesize(
     """Write a synthetic dataset folder; returns the dataset.json content (with counts and timing).
 
     `kind`: fashion (the default, 9 balanced categories), home (8 balanced home-goods categories,
-    other photo sizes and price rule) or longtail (shaped like the real price lists).
+    other photo sizes and price rule), longtail (shaped like the real price lists), numerals (10 tees
+    told apart only by a printed glyph, three classes the mirror images of three others) or close
+    (5 bags told apart only by small symmetric details).
     The split uses the folder's default rule (product_code hash, seed 0, 80/10/10).
     """
     if rows < 1:
