@@ -111,13 +111,10 @@ def test_base_is_4bit_and_frozen_while_lora_and_the_projector_train(qlora_run):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
 
 
-@pytest.mark.xfail(
-    reason="found at the deadline: a qlora run resumed from step 4 (paged 8-bit AdamW) ends with a different "
-    "adapter than the straight run (losses after the resume differ); cause not investigated yet",
-    strict=False,
-)
 def test_an_interrupted_qlora_run_resumes_to_the_same_adapter(qlora_run, data_dir, tmp_path):
-    """The checkpoint holds the adapter, the projector and the 8-bit optimizer state; the base is re-quantized."""
+    """The checkpoint holds the adapter, the projector and the 8-bit optimizer state; the base is re-quantized.
+    Bit-exact once the resumed adapter is back in bf16 (RunTrainer._load_from_checkpoint: peft's
+    load_adapter had cast it to fp32, and the losses after the resume drifted)."""
     result, _ = qlora_run
     cfg = config(data_dir, tmp_path / "run", *QLORA)
     assert train(cfg, callbacks=[StopAfter(4)], progress=False).steps == 4
