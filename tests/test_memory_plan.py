@@ -122,6 +122,28 @@ def test_parameter_counts_are_the_models(tiny_model_dir, phi3v):
     assert bf16.gradients == 2 * (adapters - unused)
 
 
+def test_qlora_weights_are_the_prepared_models(tiny_model_dir):
+    """qlora with a bf16 base: the plan's weights and gradients are the bytes of the model `apply_method`
+    trains, 4-bit layers at NF4_BYTES a weight and the rest in fp32, as peft's
+    prepare_model_for_kbit_training casts it (embeddings, lm_head, norms, projector)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from productvlm.training.model import load_model
+
+    sets = ["train.method=qlora", "model.dtype=bfloat16", "train.lora.projector=true"]
+    cfg = cfg_of(f"model.path={tiny_model_dir}", *sets)
+    model = apply_method(load_model(cfg, str(tiny_model_dir))[0], cfg)
+    params = list(model.parameters())
+    four_bit = [p for p in params if isinstance(p, bnb.nn.Params4bit)]
+    kept = {p.dtype for p in params if not isinstance(p, bnb.nn.Params4bit) and p.requires_grad is False}
+    assert four_bit and kept == {torch.float32}
+    stored = NF4_BYTES * sum(p.quant_state.shape.numel() for p in four_bit) + sum(
+        p.numel() * p.element_size() for p in params if not isinstance(p, bnb.nn.Params4bit)
+    )
+    plan = plan_memory(cfg, checkpointing=False)
+    assert plan.weights == pytest.approx(stored, abs=1)
+    assert plan.gradients == sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+
+
 def test_nf4_bytes_are_bitsandbytes():
     """qlora's weights: bitsandbytes' NF4 with double quantization, packed data plus its statistics."""
     bnb = pytest.importorskip("bitsandbytes.functional")

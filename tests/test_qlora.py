@@ -5,6 +5,8 @@ into the base's own weights, not the 4-bit ones."""
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -109,13 +111,10 @@ def test_base_is_4bit_and_frozen_while_lora_and_the_projector_train(qlora_run):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
 
 
-@pytest.mark.xfail(
-    reason="found at the deadline: a qlora run resumed from step 4 (paged 8-bit AdamW) ends with a different "
-    "adapter than the straight run (losses after the resume differ); cause not investigated yet",
-    strict=False,
-)
 def test_an_interrupted_qlora_run_resumes_to_the_same_adapter(qlora_run, data_dir, tmp_path):
-    """The checkpoint holds the adapter, the projector and the 8-bit optimizer state; the base is re-quantized."""
+    """The checkpoint holds the adapter, the projector and the 8-bit optimizer state; the base is re-quantized.
+    Bit-exact once the resumed adapter is back in bf16 (RunTrainer._load_from_checkpoint: peft's
+    load_adapter had cast it to fp32, and the losses after the resume drifted)."""
     result, _ = qlora_run
     cfg = config(data_dir, tmp_path / "run", *QLORA)
     assert train(cfg, callbacks=[StopAfter(4)], progress=False).steps == 4
@@ -251,34 +250,58 @@ def test_qlora_under_fsdp_is_refused(monkeypatch, data_dir, tmp_path):
         quantization(load_config(None, ["train.method=qlora"]))
 
 
+def chance_of_at_least(right: int, n: int, p: float) -> float:
+    """P(X >= right) for X ~ Binomial(n, p)."""
+    return sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(right, n + 1))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on 2 cores shared with other work, two threads spin-wait on each other (this
+    test's stage 1 alone ran > 9 min that way, the whole test 2 min with one), and the sums do not depend
+    on how many cores the machine has."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
-@pytest.mark.long
-def test_qlora_learns_the_categories_through_productvlm_train(tmp_path):
-    """`productvlm train` with method qlora on a 600-row catalog: the preset's tower first learns the photos
-    alone (stage 1, as a real Phi-3-V's arrives pretrained), then is quantized with the decoder, and LoRA
-    plus the projector learn to name the category: held out, well above the majority guess."""
+def test_qlora_learns_the_categories_through_productvlm_train(tmp_path, one_thread):
+    """`productvlm train` with method qlora on an 800-row catalog: the preset's tower first learns the photos
+    alone (stage 1, as a real Phi-3-V's arrives pretrained; 15 epochs: ~56% on validation), then is quantized
+    with the decoder, and LoRA plus the projector learn to name the category (6 epochs); the saved adapter
+    loads on its 4-bit base and names the held-out photos' categories far above what the prompt alone can.
+
+    The bound: every test row gets the same prompt, so an answer that ignores the photo is one category for
+    all rows, right at most as often as the test split's largest category (`blind`, ~0.16 here). Even a
+    model whose answers merely varied with the photo independently of its category would be right on
+    each row with probability <= `blind`; the accuracy must be one such a model reaches with probability
+    < 1e-6: on these 77 rows at least 29 right (38%); measured: 47 (61%, majority 7.8%), 115 s on 2 shared
+    cores. Seeded, one thread: the same run each time."""
     from typer.testing import CliRunner
 
     from productvlm.cli import app
     from productvlm.inference.generate import generate_answers
+    from productvlm.prompting.parse import parse_answer
     from productvlm.prompting.settings import PromptSettings
     from productvlm.training.generation_scores import baselines, score
     from test_train_run import CONFIGS
 
     data_dir, out = tmp_path / "catalog", tmp_path / "run"
-    synthesize(data_dir, rows=600, seed=0, overwrite=True, progress=False)
+    synthesize(data_dir, rows=800, seed=0, overwrite=True, progress=False)
     sets = [
         f"data.dir={data_dir}",
         f"output_dir={out}",
-        "data.answer='Category: {category3_code}'",
-        "data.augment.enabled=false",
+        "data.answer='Category: {category3_code}'",  # ~5 answer tokens: the category is what is learned
+        "data.augment.enabled=false",  # it pays off only over more epochs than this test has
         "train.method=qlora",
         "model.dtype=float32",  # NF4 weights computing in fp32: faster than bf16 on a CPU
         "train.precision=fp32",
         "train.lora.projector=true",
-        "train.vision_pretrain.epochs=20",
-        "train.epochs=10",
-        "train.lr=1e-2",
+        "train.vision_pretrain.epochs=15",
+        "train.epochs=6",
+        "train.lr=3e-3",  # 1e-2 collapsed to one category for every photo (measured)
         "train.merge_final=false",
         "train.num_workers=0",
         "eval.subset=0",
@@ -290,11 +313,14 @@ def test_qlora_learns_the_categories_through_productvlm_train(tmp_path):
 
     cfg = load_config(out / "config.yaml")
     model, processor = load_pretrained(out / "final")
-    assert model.is_loaded_in_4bit
+    assert model.is_loaded_in_4bit and not (out / "final" / "model.safetensors").exists()  # an adapter
     test = read_split(data_dir, "test")
     answers = generate_answers(model, processor, PromptSettings.from_config(cfg), test, 16, 8)
     metrics, base = score(test, answers), baselines(read_split(data_dir, "train"), test)
-    print(f"qlora: {metrics}, baselines: {base}")
-    majority = base["majority_category_accuracy"]
-    assert metrics["parse_rate"] >= 0.95
-    assert metrics["category_accuracy"] >= max(2 * majority, majority + 0.2)
+    n, right = len(test), round(metrics["category_accuracy"] * len(test))
+    blind = max(Counter(r["category3_code"] for r in test).values()) / n
+    chance = chance_of_at_least(right, n, blind)
+    print(f"qlora: {right}/{n} right, blind {blind:.3f}, chance {chance:.1e}, {metrics}, baselines: {base}")
+    assert sum(parse_answer(a).category is not None for a in answers) >= 0.95 * n
+    assert chance < 1e-6
+    assert metrics["category_accuracy"] >= 2.5 * base["majority_category_accuracy"]

@@ -1,7 +1,8 @@
 """The transformers Trainer internals we rely on (README, Train: "Trainer internals we rely on").
 
-`RunTrainer` overrides one private Trainer method; a transformers release that renames it or changes
-its signature would otherwise silently fall back to the default (and lose length grouping). These
+`RunTrainer` overrides two private Trainer methods; a transformers release that renames one or changes
+its signature would otherwise silently fall back to the default (and lose length grouping, or resume
+bf16 LoRA adapters in fp32). These
 tests fail loudly instead, and check that the Trainer really builds its DataLoader through it and
 that the epoch reaches the data through the public `on_epoch_begin` hook.
 """
@@ -22,7 +23,10 @@ from productvlm.training.trainer import RunTrainer
 from test_train_run import CONFIGS
 
 # private Trainer method -> the parameters we override it with (tested on transformers 5.24)
-PRIVATE_OVERRIDES = {"_get_train_sampler": ["self", "train_dataset"]}
+PRIVATE_OVERRIDES = {
+    "_get_train_sampler": ["self", "train_dataset"],
+    "_load_from_checkpoint": ["self", "resume_from_checkpoint", "model"],
+}
 
 
 def test_the_private_methods_we_override_still_exist_with_our_signature():

@@ -44,8 +44,8 @@ class TrainingDiverged(UserError):
 class RunTrainer(Trainer):
     """Trainer with length grouping from precomputed lengths, atomic checkpoints and eval by generation.
 
-    Of transformers' private methods it overrides only `_get_train_sampler` (README, Train: "Trainer
-    internals we rely on"); the rest goes through callbacks and public methods.
+    Of transformers' private methods it overrides only `_get_train_sampler` and `_load_from_checkpoint`
+    (README, Train: "Trainer internals we rely on"); the rest goes through callbacks and public methods.
     """
 
     def __init__(self, *args, run_cfg: Config, eval_rows: list[dict[str, Any]], **kwargs):
@@ -80,6 +80,17 @@ class RunTrainer(Trainer):
         if self.length_sampler is None:
             return super()._get_train_sampler(train_dataset)
         return self.length_sampler
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """The Trainer's, then the LoRA weights back in the dtype they train in: the Trainer resumes a peft
+        model through `load_adapter`, whose default `autocast_adapter_dtype` casts bf16/fp16 adapters
+        (train.lora.adapter_dtype compute) to fp32, so a resumed run would go on in other arithmetic
+        than the run it resumes. Lossless: the checkpoint holds them in that dtype."""
+        dtypes = {n: p.dtype for n, p in self.model.named_parameters() if "lora_" in n}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for name, p in self.model.named_parameters():
+            if name in dtypes and p.dtype != dtypes[name]:
+                p.data = p.data.to(dtypes[name])
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The Trainer's save (a checkpoint's weights too), refused for NaN/inf weights, plus the
