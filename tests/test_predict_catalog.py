@@ -126,6 +126,7 @@ def test_unreadable_photos_missing_files_and_bad_urls_each_give_a_row(tiny_model
     with server:
         (tmp_path / "cat").mkdir()
         (tmp_path / "cat" / "notes.jpg").write_text("not an image")
+        Image.new("RGB", (4000, 16), "red").save(tmp_path / "cat" / "banner.png")  # 0 px high at 1 crop
         bad = {
             1: "photos/nope.jpg",
             2: "notes.jpg",
@@ -135,12 +136,13 @@ def test_unreadable_photos_missing_files_and_bad_urls_each_give_a_row(tiny_model
             6: "ftp://example.com/x.jpg",
             7: "N/A",
             8: server.url("/trunc/b.jpg"),
+            10: "banner.png",
         }
-        table = make_catalog(tmp_path / "cat", 10, bad)
+        table = make_catalog(tmp_path / "cat", 11, bad)
         out = tmp_path / "p.jsonl"
         invoke("--model", tiny_model_dir, "--input", table, "-o", out, *FAST)
     rows = read_jsonl(out)
-    assert [r["id"] for r in rows] == [f"SKU{i:05d}" for i in range(10)]
+    assert [r["id"] for r in rows] == [f"SKU{i:05d}" for i in range(11)]
     errors = {i: r["error"] for i, r in enumerate(rows)}
     assert errors[0] is None and errors[3] is None and errors[9] is None
     assert "no such file" in errors[1] and "nope.jpg" in errors[1]
@@ -149,7 +151,8 @@ def test_unreadable_photos_missing_files_and_bad_urls_each_give_a_row(tiny_model
     assert "not a supported image" in errors[5]
     assert errors[6] == "bad url scheme: ftp" and errors[7] == "missing image url"
     assert "truncated image" in errors[8]
-    for i in (1, 2, 4, 5, 6, 7, 8):
+    assert errors[10].startswith("cannot predict: image of 4000x16 is too elongated for 1 crops")
+    for i in (1, 2, 4, 5, 6, 7, 8, 10):
         assert rows[i]["needs_review"] is True and rows[i]["raw"] is None and rows[i]["title"] is None
 
 
