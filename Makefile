@@ -39,8 +39,8 @@ test: install browser
 test-slow: install browser
 	$(PY) -m pytest -q -m "slow and not long" || test $$? -eq 5  # 5 = no slow tests collected
 
-# Runs of 10+ minutes each on 2 cores (a 20,000-row catalog over 2 processes with a kill -9, QLoRA learning
-# through `productvlm train`): outside CI's time, run them before a release.
+# Runs of 10+ minutes each on 2 cores (QLoRA learning through `productvlm train`): outside CI's time, run
+# them before a release.
 test-long: install
 	$(PY) -m pytest -q -m long
 
