@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install browser demo test test-slow test-long fuzz bench bench-gpu gpu-check lint format clean
+.PHONY: install browser demo test test-slow fuzz bench bench-gpu gpu-check lint format clean
 
 install: $(STAMP)
 
@@ -37,12 +37,7 @@ test: install browser
 	$(PY) -m pytest -q -m "not slow" --hypothesis-profile=ci
 
 test-slow: install browser
-	$(PY) -m pytest -q -m "slow and not long" || test $$? -eq 5  # 5 = no slow tests collected
-
-# Runs of 10+ minutes each on 2 cores (a 20,000-row catalog over 2 processes with a kill -9): outside CI's
-# time, run them before a release.
-test-long: install
-	$(PY) -m pytest -q -m long
+	$(PY) -m pytest -q -m slow || test $$? -eq 5  # 5 = no slow tests collected
 
 # A long random hypothesis search, outside CI (FUZZ_EXAMPLES per test, default 5000). Pin what it finds
 # as an @example or a test so `make test` checks it from then on.

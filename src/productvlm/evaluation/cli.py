@@ -233,7 +233,10 @@ def predict_command(
         "chunk_rows": chunk_rows,
         "thresholds": thresholds,
     }
-    total = None if input_table is not None and not Path(input_table).exists() else sum(1 for _ in items())
+    counted = ranks.main and (
+        input_table is None or Path(input_table).exists()
+    )  # the bar's total (main rank's)
+    total = sum(1 for _ in items()) if counted else None
     summary = predict_catalog(
         predictor, items, output, identity, thresholds, batch_size, chunk_rows, ranks, total=total
     )

@@ -8,8 +8,9 @@ k % world, and each chunk is written as its own part file (temp + rename) in `OU
 skips the chunks already there and only a chunk in flight is redone. When every part is there, the
 main rank merges them in chunk order into OUT (JSON lines, CSV or Parquet by its suffix) and removes
 the parts. A chunk is batched the same way whichever rank runs it, so the output does not depend on
-the number of processes. A photo that cannot be read (missing file, bad URL, not an image) gives a
-row with its `error`, and the run goes on.
+the number of processes. A photo that cannot be read (missing file, bad URL, not an image, far too
+elongated to crop) gives a row with its `error`, and the run goes on. A loader thread reads, fetches and
+prepares (prompt ids, pixels) the next chunk while the current one generates.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from productvlm.data.progress import progress_bar
 from productvlm.data.rows import ImageSource, RowRejected, parse_image_source
 from productvlm.data.source import stream_table
 from productvlm.errors import UserError
+from productvlm.inference.inputs import Prepared, photo_tensors, prompt_ids
 from productvlm.inference.predictor import Predictor
 from productvlm.prompting.confidence import FIELDS, needs_review
 from productvlm.prompting.parse import parse_answer
@@ -190,30 +192,58 @@ def record(item: Item, predictor: Predictor | None, answer, thresholds: dict[str
     return out
 
 
+def prepare_photos(
+    predictor: Predictor, items: Sequence[Item], photos: Sequence[Image.Image | str]
+) -> list[Prepared | str]:
+    """Each readable photo as model inputs (`inputs.Prepared`: prompt ids and pixels), or why it has none.
+    Run in the loader thread, so it overlaps the generation of the chunk before. A photo the HD transform
+    cannot cut into crops (far too elongated) is its row's error; a prompt mistake stops the run."""
+    processor, num_crops = predictor.processor, predictor.num_crops
+    out: list[Prepared | str] = []
+    for item, photo in zip(items, photos):
+        if isinstance(photo, str):
+            out.append(photo)
+            continue
+        ids = prompt_ids(processor, predictor.settings.prompt_for(item.row), [photo.size], num_crops)
+        try:
+            out.append(Prepared(ids, **photo_tensors(processor, [photo], num_crops)))
+        except (UserError, ValueError) as e:
+            out.append(f"cannot predict: {e}")
+    return out
+
+
+def load_chunk(predictor: Predictor, items: Sequence[Item], fetch: FetchOptions) -> list[Prepared | str]:
+    """`prepare_photos` of the chunk's photos (read or fetched)."""
+    return prepare_photos(predictor, items, load_photos(items, fetch))
+
+
 def predict_chunk(
     predictor: Predictor,
     items: Sequence[Item],
-    photos: Sequence[Image.Image | str],
+    prepared: Sequence[Prepared | str],
     batch_size: int,
     thresholds: dict[str, float],
     advance: Callable[[int], None] = lambda n: None,
 ) -> list[dict[str, Any]]:
-    """Rows for a chunk, in order: the readable photos in batches of `batch_size`, the rest as errors."""
-    answers: list[Any] = list(photos)  # an error string, or replaced by the photo's answer
-    good = [i for i, p in enumerate(photos) if not isinstance(p, str)]
+    """Rows for a chunk (`load_chunk`), in order: the prepared photos in batches of `batch_size`, the rest
+    as errors."""
+    answers: list[Any] = list(prepared)  # an error string, or replaced by the photo's answer
+    good = [i for i, p in enumerate(prepared) if not isinstance(p, str)]
     for start in range(0, len(good), batch_size):
         idx = good[start : start + batch_size]
         try:
-            generated = predictor.answer_photos([items[i].row for i in idx], [photos[i] for i in idx])
+            generated = predictor.answer_prepared([prepared[i] for i in idx])
         except UserError:
             raise
-        except (ValueError, RuntimeError) as e:  # one photo the processor cannot take: find it alone
+        except (ValueError, RuntimeError) as e:  # one photo the model cannot take: find it alone
             if "out of memory" in str(e):
                 raise  # the batch is too large for the device, not a bad photo
             if len(idx) == 1:
                 generated = [f"cannot predict: {type(e).__name__}: {e}"]
             else:
-                generated = [predict_chunk(predictor, [items[i]], [photos[i]], 1, thresholds)[0] for i in idx]
+                generated = [
+                    predict_chunk(predictor, [items[i]], [prepared[i]], 1, thresholds)[0] for i in idx
+                ]
         for i, g in zip(idx, generated):
             answers[i] = g
         advance(len(idx))
@@ -438,12 +468,12 @@ def predict_catalog(
     ):
         pending = my_chunks()
         nxt = next(pending, None)
-        ahead = loader.submit(load_photos, nxt[1], fetch) if nxt else None
+        ahead = loader.submit(load_chunk, predictor, nxt[1], fetch) if nxt else None
         while nxt is not None:
-            (k, block), photos = nxt, ahead.result()
-            nxt = next(pending, None)  # read and fetch the next chunk while this one generates
-            ahead = loader.submit(load_photos, nxt[1], fetch) if nxt else None
-            rows = predict_chunk(predictor, block, photos, batch_size, thresholds, advance)
+            (k, block), prepared = nxt, ahead.result()
+            nxt = next(pending, None)  # read, fetch and prepare the next chunk while this one generates
+            ahead = loader.submit(load_chunk, predictor, nxt[1], fetch) if nxt else None
+            rows = predict_chunk(predictor, block, prepared, batch_size, thresholds, advance)
             done += len(rows)
             if parts is None:
                 sys.stdout.write(_jsonl(rows))
@@ -469,9 +499,10 @@ def predict(
 ) -> list[dict[str, Any]]:
     """Rows (COLUMNS) for image files, in memory: for a few photos from Python."""
     items = list(file_items(images))
-    photos = load_photos(items, FetchOptions())
     thresholds = dict.fromkeys(FIELDS, 0.5)
-    return predict_chunk(predictor, items, photos, batch_size, thresholds)
+    return predict_chunk(
+        predictor, items, load_chunk(predictor, items, FetchOptions()), batch_size, thresholds
+    )
 
 
 __all__ = [
@@ -483,6 +514,8 @@ __all__ = [
     "table_items",
     "dataset_items",
     "load_photos",
+    "prepare_photos",
+    "load_chunk",
     "predict_chunk",
     "predict_catalog",
     "merge_parts",

@@ -10,7 +10,7 @@ from typing import Any
 from productvlm.data.progress import progress_bar
 from productvlm.inference.device import pick_device, pick_dtype
 from productvlm.inference.generate import Generated, generate_answers, generate_batch
-from productvlm.inference.inputs import prepare
+from productvlm.inference.inputs import Prepared
 from productvlm.models.loading import load_pretrained, resolve_model_dir
 from productvlm.prompting.confidence import Calibration, field_correct, field_scores, load_calibration
 from productvlm.prompting.constrained import AnswerConstraint, known_choices
@@ -80,14 +80,11 @@ class Predictor:
                 with_logprobs=with_logprobs,
             )
 
-    def answer_photos(self, rows: Sequence[dict[str, Any]], photos: Sequence) -> list[Generated]:
-        """One batch: each row's answer for its decoded photo (PIL), with token log-probabilities."""
+    def answer_prepared(self, prepared: Sequence[Prepared]) -> list[Generated]:
+        """One batch of rows already made model inputs (`inputs.prepare`, with this predictor's prompt and
+        num_crops): each row's answer, with token log-probabilities."""
         was_training = self.model.training
         self.model.eval()
-        prepared = [
-            prepare(self.processor, self.settings.prompt_for(r), [photo], self.num_crops)
-            for r, photo in zip(rows, photos)
-        ]
         out = generate_batch(
             self.model, self.processor, prepared, self.max_new_tokens, self.constraint, self.compiled, True
         )

@@ -21,8 +21,6 @@ from typing import Any
 
 import numpy as np
 from sacrebleu.metrics import CHRF
-from scipy.stats import bootstrap
-from sklearn.metrics import accuracy_score, f1_score
 
 from productvlm.prompting.parse import Answer, parse_answer
 
@@ -56,6 +54,8 @@ def _norm(text: str | None) -> str:
 
 def ci95(values: Sequence[float], statistic: Callable = np.mean, seed: int = 0) -> list[float]:
     """Percentile-bootstrap 95% interval of `statistic` over `values` (a single value: a point)."""
+    from scipy.stats import bootstrap  # here: scipy.stats and sklearn cost ~2 s at every `predict` start
+
     data = np.asarray(values, dtype=float)
     if len(data) < 2 or np.all(data == data[0]):
         point = float(statistic(data)) if len(data) else math.nan
@@ -78,6 +78,8 @@ def _number(x: float) -> float | None:
 def category_metrics(
     preds: Sequence[str | None], truths: Sequence[str], ci: bool = False, seed: int = 0
 ) -> dict[str, Any]:
+    from sklearn.metrics import accuracy_score, f1_score
+
     y_pred = [p if p is not None else "<none>" for p in preds]
     labels = sorted(set(truths))
     out: dict[str, Any] = {

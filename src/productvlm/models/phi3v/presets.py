@@ -39,10 +39,11 @@ PRESETS: dict[str, dict] = {
 PRESETS["tiny-168"] = {**PRESETS["tiny"], "vision": {**PRESETS["tiny"]["vision"], "image_size": 168}}
 
 
-def preset_config(name: str, tokenizer: PreTrainedTokenizerFast) -> Phi3VConfig:
+def preset_config(name: str, tokenizer: PreTrainedTokenizerFast, **changes) -> Phi3VConfig:
+    """The preset's config; `changes` replace its keys (`vision` as a whole dict)."""
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    p = PRESETS[name]
+    p = {**PRESETS[name], **changes}
     head_dim = p["hidden_size"] // p["num_attention_heads"]
     half = head_dim // 2
     vocab_size = -(-len(tokenizer) // 64) * 64
@@ -80,19 +81,20 @@ def generation_config(tokenizer) -> GenerationConfig:
     return GenerationConfig(bos_token_id=1, eos_token_id=[end, eot], pad_token_id=eot, do_sample=False)
 
 
-def init_model(preset: str, out: str | Path, seed: int = 0) -> Path:
-    """Write a random `preset` model, its tokenizer and processor to `out` (official layout)."""
+def init_model(preset: str, out: str | Path, seed: int = 0, **changes) -> Path:
+    """Write a random `preset` model, its tokenizer and processor to `out` (official layout); `changes`
+    replace keys of the preset (`preset_config`), e.g. a smaller shape for a test of the pipeline."""
     from productvlm.models.phi3v import Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
 
     out = Path(out)
     tokenizer = build_tokenizer()
-    config = preset_config(preset, tokenizer)
+    config = preset_config(preset, tokenizer, **changes)
     torch.manual_seed(seed)
     model = Phi3VForCausalLM(config)
     init_positions_2d(model)
     model.generation_config = generation_config(tokenizer)
     image_processor = Phi3VImageProcessor(
-        num_crops=PRESETS[preset]["num_crops"],
+        num_crops=changes.get("num_crops", PRESETS[preset]["num_crops"]),
         num_img_tokens=config.img_processor["num_img_tokens"],
         crop_size=config.crop_size,
     )
