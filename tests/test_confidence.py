@@ -75,7 +75,8 @@ def test_field_scores_follow_the_tokens_of_each_field():
     logprobs = [-0.1, math.log(0.5), math.log(0.8), -0.2, -0.1, math.log(0.6), math.log(0.5), 0, 0, -1.0, 0.0]
     scores = field_scores(text, logprobs, ends)
     assert scores["title"] == pytest.approx(math.sqrt(0.5 * 0.8))  # geometric mean of " Red", " Bag"
-    assert scores["category"] == pytest.approx(0.6 * 0.5)  # the whole category's probability
+    # the probability of the answer up to the category's end: the title before it names the product
+    assert scores["category"] == pytest.approx(math.exp(-0.1 - 0.2 - 0.1) * 0.5 * 0.8 * 0.6 * 0.5)
     assert scores["price"] == pytest.approx(math.exp(-0.5))
     assert field_scores("Product: Red Bag", [-0.1, -0.1, -0.1], [8, 12, 16])["price"] == 0.0  # missing
 

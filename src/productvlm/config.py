@@ -123,9 +123,17 @@ class VisionPretrainConfig(Section):
     the training photos' `label` values apart (mean-pooled features -> a linear head, cross-entropy,
     data.augment on), as a real VLM's tower arrives pretrained. The head is then dropped."""
 
-    epochs: float = Field(0.0, ge=0, description="0: off")
+    epochs: float = Field(0.0, ge=0, description="0: off; with max_minutes or patience: at most this many")
     label: str = Field("category3_code", min_length=1, description="the column whose values the tower learns")
     lr: float = Field(1e-3, gt=0)
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="time budget: the schedule decays to it and stage 1 stops there (training/budget.py)",
+    )
+    patience: int | None = Field(
+        None, ge=1, description="stop after this many epochs without a better validation accuracy"
+    )
 
 
 class TrainConfig(Section):
@@ -165,9 +173,28 @@ class TrainConfig(Section):
         default_factory=dict,
         description="other transformers.TrainingArguments fields, passed as they are (not those our keys set)",
     )
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="time budget: the schedule decays to it and training stops there (training/budget.py)",
+    )
+    balance: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="draw rows with weight count(balance_label)^-balance: 0 as the catalog comes, 1 every value alike",
+    )
+    balance_label: str = Field("category3_code", min_length=1, description="the column train.balance counts")
     merge_final: bool = False
     num_workers: int = Field(0, ge=0)
     vision_pretrain: VisionPretrainConfig = Field(default_factory=VisionPretrainConfig)
+
+    @model_validator(mode="after")
+    def _one_sampler(self) -> TrainConfig:
+        if self.balance and (self.group_by_length or self.packing):
+            on = "train.group_by_length" if self.group_by_length else "train.packing"
+            raise ValueError(f"train.balance and {on} each choose the order of the rows: turn one off")
+        return self
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod

@@ -2,9 +2,12 @@
 anything (expected calibration error, accuracy at a coverage). Pure math: no torch.
 
 - `field_scores`: from the log-probability of each generated token and where the token ends in the
-  answer text. Category: the probability of the whole category (the product of its tokens'
-  probabilities; under constrained decoding, among the allowed categories). Title and price: the
-  geometric mean of their tokens' probabilities. A field the answer lacks scores 0.
+  answer text. Category: the probability of the answer up to the category's end (the product of
+  those tokens' probabilities): the title comes first and names the product ("... Tote Bag"), so the
+  category is decided there and its own tokens are near-certain copies (on the demo model, their
+  probability alone ranked the wrong categories no lower than the right ones: accuracy of the most
+  confident 80% 92.2% vs 92.7% overall; with the title's tokens 94.8%). Title and price: the geometric
+  mean of their tokens' probabilities. A field the answer lacks scores 0.
 - `Calibrator`: raw score -> probability that the field is right (`field_correct`), fitted on the
   validation split: Platt scaling (a logistic regression on the score's log-odds: temperature
   scaling with a bias; two parameters, robust on a few hundred rows) or isotonic regression.
@@ -46,8 +49,8 @@ def field_scores(text: str, logprobs: Sequence[float], ends: Sequence[int]) -> d
         lps = [lp for lp, s, e in zip(logprobs, starts, ends) if s < b and e > a]
         if not lps or b <= a:
             out[name] = 0.0
-        elif name == "category":
-            out[name] = math.exp(sum(lps))
+        elif name == "category":  # everything up to its end: the title before it decides it
+            out[name] = math.exp(sum(lp for lp, s in zip(logprobs, starts) if s < b))
         else:
             out[name] = math.exp(sum(lps) / len(lps))
     return out

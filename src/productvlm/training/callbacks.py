@@ -104,13 +104,14 @@ class LogConfig(TrainerCallback):
 
 
 class EvalAtEnd(TrainerCallback):
-    """Evaluates after the last step too, inside training, so the trackers still record it."""
+    """Evaluates after the last step too (the planned last one, or where a time budget stopped the run),
+    inside training, so the trackers still record it."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.enabled and state.global_step >= state.max_steps:
+        if self.enabled and (state.global_step >= state.max_steps or control.should_training_stop):
             control.should_evaluate = True
 
 

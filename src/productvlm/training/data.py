@@ -308,3 +308,37 @@ class EpochLengthSampler(LengthGroupedSampler):
 
     def __iter__(self):
         return iter(length_grouped_order(self.lengths, self.batch_size, self.seed + self.epoch))
+
+
+class BalancedSampler(torch.utils.data.Sampler):
+    """Rows drawn with replacement, weight count(label)^-power (`train.balance`): power 0 draws the catalog
+    as it comes, 1 every label value equally often, 0.5 halfway in the log (a value 100x rarer is drawn
+    10x less often instead of 100x). One epoch is len(labels) draws, in an order that depends only on
+    (seed, epoch), so a resumed run replays it."""
+
+    def __init__(self, labels: Sequence[str], power: float, seed: int):
+        counts: dict[str, int] = {}
+        for label in labels:
+            counts[label] = counts.get(label, 0) + 1
+        self.weights = torch.tensor([counts[label] ** -power for label in labels], dtype=torch.float64)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.multinomial(self.weights, len(self.weights), True, generator=generator).tolist())
+
+
+def balance_labels(rows: list[dict[str, Any]], label: str, where: str) -> list[str]:
+    """Each row's `label` value for `train.balance`; UserError naming the first row without one."""
+    for row in rows:
+        if label not in row:
+            raise UserError(
+                f"train.balance_label {label!r}: row {sample_name(row)} of {where} has no such column"
+            )
+    return [str(row[label]) for row in rows]

@@ -221,6 +221,7 @@ def train(
     final = save_final(trainer, processor, cfg, run, use_cache)
     if state.is_main_process and eval_rows:
         calibrate_final(final, cfg, progress)
+        metrics.update(compare_stages(run, base, final, output.global_step))
     return RunResult(
         run,
         final,
@@ -243,6 +244,32 @@ def calibrate_final(final: Path, cfg: Config, progress: bool = True) -> Path:
     predictor = Predictor(final, max_new_tokens=cfg.eval.max_new_tokens)
     rows = rows_of(cfg, "validation")[:CALIBRATION_ROWS]
     return predictor.calibrate(rows, cfg.eval.batch_size, progress, data=str(cfg.data.dir)).save(final)
+
+
+def compare_stages(run: Path, base: str, final: Path, step: int) -> dict[str, float]:
+    """Stage 1's tower (its head) and the finished model, on the validation photos, side by side: printed,
+    logged to train_log.jsonl and returned (empty without stage 1 or a calibration)."""
+    from productvlm.prompting.confidence import CALIBRATION_FILE
+
+    tower, calibration = stage_one(base), final / CALIBRATION_FILE
+    if "vision_pretrain/validation_accuracy" not in tower or not calibration.is_file():
+        return {}
+    calibrated = json.loads(calibration.read_text(encoding="utf-8"))
+    curve = calibrated["curves"]["category"]
+    figures = {
+        "stage1_tower_validation_accuracy": tower["vision_pretrain/validation_accuracy"],
+        "final_validation_category_accuracy": curve[-1][1],  # the curve's last point: every row
+    }
+    line = {"step": step, **figures}
+    with open(run / LOG, "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
+    print(
+        f"category accuracy on the validation photos: stage 1 tower {figures['stage1_tower_validation_accuracy']:.1%} "
+        f"({tower['vision_pretrain/validation_rows']:.0f} photos), the trained model "
+        f"{figures['final_validation_category_accuracy']:.1%} ({calibrated['rows']} photos)",
+        flush=True,
+    )
+    return figures
 
 
 def stage_one(base: str) -> dict[str, float]:

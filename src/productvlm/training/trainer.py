@@ -29,9 +29,10 @@ from productvlm.models.loading import EXTRA_TRAINABLES, save_quantization
 from productvlm.prompting.settings import PromptSettings
 from productvlm.prompting.templates import render
 from productvlm.run_folder import SAMPLES
+from productvlm.training.budget import TimeBudget, clocked
 from productvlm.training.callbacks import AtomicCheckpoints, TellEpoch
 from productvlm.training.checkpoints import complete_checkpoints, evals_since_best
-from productvlm.training.data import EpochLengthSampler
+from productvlm.training.data import BalancedSampler, EpochLengthSampler, balance_labels
 from productvlm.training.generation_scores import score
 from productvlm.training.model import extra_trainables, param_groups
 from productvlm.training.tracking import log_eval_samples
@@ -41,22 +42,52 @@ class TrainingDiverged(UserError):
     """The loss or the weights became NaN/inf; nothing from that step on was saved."""
 
 
-class RunTrainer(Trainer):
-    """Trainer with length grouping from precomputed lengths, atomic checkpoints and eval by generation.
+class StageTrainer(Trainer):
+    """The Trainer both stages use: its rows in our order (`sampler`: length-grouped or balanced, None:
+    transformers' shuffle) and its schedule on a time budget too (`budget`, training/budget.py).
 
-    Of transformers' private methods it overrides only `_get_train_sampler` and `_load_from_checkpoint`
-    (README, Train: "Trainer internals we rely on"); the rest goes through callbacks and public methods.
+    Of transformers' private methods the two stages override only `_get_train_sampler` here and
+    `_load_from_checkpoint` in RunTrainer (README, Train: "Trainer internals we rely on"); the rest goes
+    through callbacks and public methods.
     """
 
+    def __init__(self, *args, sampler=None, budget: TimeBudget | None = None, **kwargs):
+        callbacks = [*([budget] if budget else []), *(kwargs.pop("callbacks", None) or [])]
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+        self.sampler, self.budget = sampler, budget
+        self.add_callback(TellEpoch(self.train_dataset, sampler))
+
+    def _get_train_sampler(self, train_dataset=None):
+        # private, but the only hook for a sampler short of rebuilding the whole DataLoader
+        return super()._get_train_sampler(train_dataset) if self.sampler is None else self.sampler
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.budget is not None and hasattr(scheduler, "lr_lambdas"):
+            scheduler.lr_lambdas = [clocked(f, self.budget, num_training_steps) for f in scheduler.lr_lambdas]
+        return scheduler
+
+
+def row_sampler(t, dataset, batch_size: int, where: str):
+    """The order of the training rows that `train` asks for: length-grouped, balanced or None (shuffled)."""
+    if t.group_by_length:
+        return EpochLengthSampler(batch_size, dataset.lengths, t.seed)
+    if t.balance:
+        return BalancedSampler(balance_labels(dataset.rows, t.balance_label, where), t.balance, t.seed)
+    return None
+
+
+class RunTrainer(StageTrainer):
+    """The VLM run (stage 2): atomic checkpoints, eval by generation, a NaN/inf guard."""
+
     def __init__(self, *args, run_cfg: Config, eval_rows: list[dict[str, Any]], **kwargs):
-        super().__init__(*args, **kwargs)
+        t = run_cfg.train
+        dataset, size = kwargs["train_dataset"], kwargs["args"].train_batch_size * t.grad_accum
+        sampler = row_sampler(t, dataset, size, f"{run_cfg.data.dir}/train")
+        budget = TimeBudget(60 * t.max_minutes) if t.max_minutes else None
+        super().__init__(*args, sampler=sampler, budget=budget, **kwargs)
         self.run_cfg, self.eval_rows = run_cfg, eval_rows
-        self.length_sampler = None
-        if run_cfg.train.group_by_length:
-            size = self.args.train_batch_size * self.args.gradient_accumulation_steps
-            self.length_sampler = EpochLengthSampler(size, self.train_dataset.lengths, self.args.seed)
-        self.add_callback(TellEpoch(self.train_dataset, self.length_sampler))
-        self.add_callback(AtomicCheckpoints(run_cfg.train.save_total_limit, run_cfg.eval.metric))
+        self.add_callback(AtomicCheckpoints(t.save_total_limit, run_cfg.eval.metric))
 
     def create_optimizer(self, model=None):
         """transformers' optimizer for train.optim over per-part groups: train.lr_vision / lr_projector / lr."""
@@ -74,12 +105,6 @@ class RunTrainer(Trainer):
                             module, "weight", {"optim_bits": 32}
                         )
         return self.optimizer
-
-    def _get_train_sampler(self, train_dataset=None):
-        # private, but the only hook for a sampler short of rebuilding the whole DataLoader
-        if self.length_sampler is None:
-            return super()._get_train_sampler(train_dataset)
-        return self.length_sampler
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """The Trainer's, then the LoRA weights back in the dtype they train in: the Trainer resumes a peft

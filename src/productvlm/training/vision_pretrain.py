@@ -24,17 +24,18 @@ import torch
 from accelerate import PartialState
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+from transformers import PrinterCallback, TrainerCallback, TrainingArguments, set_seed
 
 from productvlm.config import Config
 from productvlm.errors import UserError
 from productvlm.inference.inputs import load_image, photo_tensors, to_model
 from productvlm.prompting.templates import sample_name
 from productvlm.run_folder import VISION_PRETRAINED
-from productvlm.training.callbacks import TellEpoch
-from productvlm.training.data import TrainingPhotos, rows_of
+from productvlm.training.budget import TimeBudget
+from productvlm.training.data import BalancedSampler, TrainingPhotos, balance_labels, rows_of
 from productvlm.training.model import freeze_unused_tower, load_model
 from productvlm.training.progress import RichProgress
+from productvlm.training.trainer import StageTrainer
 
 RESULT = "vision_pretrain.json"
 
@@ -82,6 +83,28 @@ class GlobalViews:
         return {"pixel_values": pixels[:, 0], "labels": torch.tensor([f["labels"] for f in features])}
 
 
+class Plateau(TrainerCallback):
+    """After each epoch, the head's accuracy on the validation photos (the curve goes to RESULT); stops
+    stage 1 after `patience` epochs without a better one (None: never, the curve is still kept)."""
+
+    def __init__(self, measure, patience: int | None):
+        self.measure, self.patience = measure, patience
+        self.curve: list[float] = []
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self.curve.append(round(self.measure(), 4))
+        model.train()
+        best = max(range(len(self.curve)), key=self.curve.__getitem__)  # the first of equals
+        if self.patience and len(self.curve) - 1 - best >= self.patience:
+            control.should_training_stop = True
+
+    @property
+    def stopped_early(self) -> bool:
+        return (
+            bool(self.patience) and len(self.curve) - 1 - self.curve.index(max(self.curve)) >= self.patience
+        )
+
+
 def label_values(rows: list[dict[str, Any]], label: str, data_dir: Path) -> list[str]:
     """The label's values in the training rows, sorted; UserError when a row lacks it or there is one value."""
     for row in rows:
@@ -99,21 +122,41 @@ def label_values(rows: list[dict[str, Any]], label: str, data_dir: Path) -> list
     return values
 
 
-@torch.no_grad()
-def accuracy(
-    model: TowerClassifier, collate: GlobalViews, rows, targets: list[int], batch: int = 64
-) -> float:
-    """Share of `rows` whose photo (not augmented) the head classifies as its target."""
-    model.eval()
-    right = 0
-    for i in range(0, len(rows), batch):
-        chunk = [
-            {"image": load_image(r["image_path"]), "labels": t}
-            for r, t in zip(rows[i : i + batch], targets[i:])
+class ValidationPhotos:
+    """The validation rows whose label the head knows, their photos as the head sees them, collated
+    once (not augmented); `accuracy(model)` is the share the head classifies right."""
+
+    def __init__(self, rows, targets: list[int], collate: GlobalViews, batch: int = 64):
+        self.rows = rows
+        self.batches = [
+            collate(
+                [
+                    {"image": load_image(r["image_path"]), "labels": t}
+                    for r, t in zip(rows[i : i + batch], targets[i:])
+                ]
+            )
+            for i in range(0, len(rows), batch)
         ]
-        inputs = to_model(collate(chunk), model)
-        right += int((model(inputs["pixel_values"])["logits"].argmax(-1) == inputs["labels"]).sum())
-    return right / len(rows)
+
+    @torch.no_grad()
+    def accuracy(self, model: TowerClassifier) -> float:
+        model.eval()
+        right = 0
+        for batch in self.batches:
+            inputs = to_model(batch, model)
+            right += int((model(inputs["pixel_values"])["logits"].argmax(-1) == inputs["labels"]).sum())
+        return right / len(self.rows)
+
+
+def validation_photos(cfg: Config, processor, index: dict[str, int]) -> ValidationPhotos | None:
+    """The validation rows whose label value the head knows (`index`: value -> class), or None."""
+    label = cfg.train.vision_pretrain.label
+    rows = [r for r in rows_of(cfg, "validation") if str(r.get(label)) in index]
+    if not rows:
+        return None
+    return ValidationPhotos(
+        rows, [index[str(r[label])] for r in rows], GlobalViews(processor, cfg.data.num_crops)
+    )
 
 
 def pretrain_vision(cfg: Config, run: Path, base: str, args: TrainingArguments, progress: bool = True) -> str:
@@ -142,6 +185,8 @@ def pretrain_vision(cfg: Config, run: Path, base: str, args: TrainingArguments, 
     set_seed(t.seed)
     classifier = TowerClassifier(model.model.vision_embed_tokens, len(classes))
     freeze_unused_tower(model)
+    validation = validation_photos(cfg, processor, index)
+    plateau = Plateau(lambda: validation.accuracy(classifier), v.patience) if validation else None
     scratch = run / ".vision-pretrain"
     args = dataclasses.replace(
         args,
@@ -154,13 +199,20 @@ def pretrain_vision(cfg: Config, run: Path, base: str, args: TrainingArguments, 
         report_to=[],
         activation_checkpointing=False,
     )
+    sampler = None
+    if t.balance:
+        sampler = BalancedSampler(
+            balance_labels(rows, t.balance_label, f"{cfg.data.dir}/train"), t.balance, t.seed
+        )
     bar = RichProgress("vision pretrain") if progress else None
-    trainer = Trainer(
+    trainer = StageTrainer(
         model=classifier,
         args=args,
         train_dataset=photos,
         data_collator=GlobalViews(processor, cfg.data.num_crops),
-        callbacks=[TellEpoch(photos)],
+        sampler=sampler,
+        budget=TimeBudget(60 * v.max_minutes) if v.max_minutes else None,
+        callbacks=[*([plateau] if plateau else [])],
     )
     if bar:
         trainer.remove_callback(PrinterCallback)
@@ -176,10 +228,12 @@ def pretrain_vision(cfg: Config, run: Path, base: str, args: TrainingArguments, 
             "label": v.label,
             "classes": len(classes),
             "epochs": v.epochs,
+            "epochs_run": round(trainer.state.epoch or 0, 2),
+            "stopped_by": stopped_by(trainer, plateau),
             "steps": output.global_step,
             "train_loss": output.training_loss,
             "seconds": round(time.perf_counter() - t0, 1),
-            **validation_accuracy(cfg, classifier, processor, index, rows),
+            **validation_figures(validation, classifier, rows, v.label, plateau),
         }
         tmp = run / f".{VISION_PRETRAINED}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -194,28 +248,40 @@ def pretrain_vision(cfg: Config, run: Path, base: str, args: TrainingArguments, 
     return str(out)
 
 
-def validation_accuracy(
-    cfg: Config, classifier: TowerClassifier, processor, index: dict[str, int], train_rows
+def stopped_by(trainer: StageTrainer, plateau: Plateau | None) -> str:
+    if plateau is not None and plateau.stopped_early:
+        return "plateau"
+    if trainer.budget is not None and trainer.budget.fraction() >= 1.0:
+        return "time"
+    return "epochs"
+
+
+def validation_figures(
+    validation: ValidationPhotos | None,
+    classifier: TowerClassifier,
+    train_rows,
+    label: str,
+    plateau: Plateau | None,
 ) -> dict[str, Any]:
-    """The head's accuracy on the validation rows whose label it knows (`index`: value -> class), beside
-    always guessing the most common value of `train_rows` (empty when there are no such rows)."""
-    label = cfg.train.vision_pretrain.label
-    rows = [r for r in rows_of(cfg, "validation") if str(r.get(label)) in index]
-    if not rows:
+    """The head's accuracy on the validation photos beside always guessing the most common value of
+    `train_rows`, and the per-epoch curve (empty when no validation row has a known label)."""
+    if validation is None:
         return {}
-    targets = [index[str(r[label])] for r in rows]
     common = Counter(str(r[label]) for r in train_rows).most_common(1)[0][0]
     return {
-        "validation_rows": len(rows),
-        "validation_accuracy": accuracy(
-            classifier, GlobalViews(processor, cfg.data.num_crops), rows, targets
-        ),
-        "validation_majority": sum(str(r[label]) == common for r in rows) / len(rows),
+        "validation_rows": len(validation.rows),
+        "validation_accuracy": validation.accuracy(classifier),
+        "validation_majority": sum(str(r[label]) == common for r in validation.rows) / len(validation.rows),
+        "validation_curve": plateau.curve if plateau else [],
     }
 
 
 def describe(result: dict[str, Any]) -> str:
-    line = f"vision pretrain: {result['epochs']:g} epochs, {result['steps']} steps, {result['seconds']:.0f}s"
+    epochs = result.get("epochs_run", result["epochs"])
+    why = {"plateau": " (stopped: validation plateau)", "time": " (stopped: time budget)"}.get(
+        result.get("stopped_by"), ""
+    )
+    line = f"vision pretrain: {epochs:g} epochs{why}, {result['steps']} steps, {result['seconds']:.0f}s"
     if "validation_accuracy" in result:
         line += (
             f"; the tower tells {result['label']} apart on {result['validation_rows']} validation photos: "
