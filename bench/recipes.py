@@ -57,7 +57,7 @@ def measure(kind: str, work: Path, tag: str, overrides: list[str]) -> dict[str, 
         if (run / "vision-pretrained" / "vision_pretrain.json").is_file()
         else {}
     )
-    oracle = m.get("baselines", {}).get("category_median", {}).get("price", {})
+    oracle = m["baselines"].get("median_price_per_true_category", {}).get("price", {})
     return {
         "kind": kind,
         "held_out": kind not in TUNED_ON,
@@ -68,7 +68,7 @@ def measure(kind: str, work: Path, tag: str, overrides: list[str]) -> dict[str, 
         "accuracy_ci95": m["category"].get("accuracy_ci95"),
         "macro_f1": m["category"]["macro_f1"],
         "macro_f1_ci95": m["category"].get("macro_f1_ci95"),
-        "majority": m.get("baselines", {}).get("majority", {}).get("category", {}).get("accuracy"),
+        "majority": m["baselines"].get("majority_category", {}).get("category", {}).get("accuracy"),
         "median_ape": m["price"].get("median_ape"),
         "oracle_median_ape": oracle.get("median_ape"),
         "train_seconds": round(trained, 1),

@@ -115,7 +115,9 @@ def test_warmup_ratio_is_a_share_of_the_total_steps(tmp_path, ratio, steps):
 
 def test_pack_length_below_the_sample_budget_is_rejected():
     with pytest.raises(UserError, match=r"train\.pack_length 100 is below data\.max_tokens_per_sample 256"):
-        load_config(CONFIGS / "tiny-cpu.yaml", ["train.packing=true", "train.pack_length=100"])
+        load_config(
+            CONFIGS / "tiny-cpu.yaml", ["train.packing=true", "train.balance=0", "train.pack_length=100"]
+        )
 
 
 def test_qlora_config_is_the_lora_one_with_a_4bit_base_and_a_paged_8bit_optimizer():

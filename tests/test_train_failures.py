@@ -86,6 +86,7 @@ def sets(data_dir, out) -> list[str]:
         "eval.steps=10",
         "tracking.backend=none",
         "train.vision_pretrain.epochs=0",  # the kills must land in the VLM run
+        "train.max_minutes=null",  # a resumed run must replay the same steps, whatever the load
     ]
     return [x for item in items for x in ("--set", item)]
 

@@ -58,6 +58,9 @@ def config(data_dir, out, *sets):
         "model.path=preset:tiny",  # 112 px: the shipped 168 px preset costs twice as much per step
         "train.num_workers=0",
         "train.vision_pretrain.epochs=0",  # stage 1: test_vision_pretrain.py
+        "train.method=full",  # every part trained: what these tests check the run does to weights
+        "train.balance=0",  # plain shuffled order (balanced sampling: test_train_balance.py)
+        "train.max_minutes=null",  # no time budget: a step-for-step repeatable run
     ]
     return load_config(CONFIGS / "tiny-cpu.yaml", [*base, *sets])
 

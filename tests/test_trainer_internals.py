@@ -61,7 +61,13 @@ class Lengths(Dataset):
 def test_the_trainer_batches_in_our_length_order_and_tells_the_data_the_epoch(tmp_path):
     cfg = load_config(
         CONFIGS / "tiny-cpu.yaml",
-        [f"output_dir={tmp_path}", "train.group_by_length=true", "train.batch_size=4", "train.num_workers=0"],
+        [
+            f"output_dir={tmp_path}",
+            "train.group_by_length=true",
+            "train.balance=0",
+            "train.batch_size=4",
+            "train.num_workers=0",
+        ],
     )
     lengths = [(i * 37) % 101 for i in range(40)]
     data = Lengths(lengths)
