@@ -114,6 +114,7 @@ def test_stage_one_on_a_budget_stops_on_time_and_says_so(tmp_path):
             "train.num_workers=0",
             "train.vision_pretrain.epochs=1000",
             "train.vision_pretrain.max_minutes=0.05",  # 3 s: far fewer than 1000 epochs
+            "train.vision_pretrain.patience=null",  # only the clock stops it
         ],
     )
     train(cfg, progress=False)

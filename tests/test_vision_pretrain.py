@@ -36,6 +36,9 @@ def config(data_dir, out, *sets):
             "train.max_steps=2",
             "train.num_workers=0",
             "train.vision_pretrain.epochs=4",
+            # every epoch, whatever the load: the budget and the plateau stop have test_train_budget.py
+            "train.vision_pretrain.max_minutes=null",
+            "train.vision_pretrain.patience=null",
             *sets,
         ],
     )
