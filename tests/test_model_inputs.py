@@ -20,7 +20,7 @@ from productvlm.evaluation.predict import predict
 from productvlm.inference.inputs import batch, prepare_rows
 from productvlm.inference.predictor import Predictor
 from productvlm.serving.app import ServeSettings, create_app
-from productvlm.training.vision_pretrain import GlobalViews, TowerClassifier, accuracy
+from productvlm.training.vision_pretrain import GlobalViews, TowerClassifier, ValidationPhotos
 
 
 @pytest.fixture
@@ -116,5 +116,6 @@ def test_stage_one_accuracy_feeds_the_tower_through_to_model(predictor, photo, m
     classifier = TowerClassifier(model.model.vision_embed_tokens, 2)
     checked, bypassed = watch(classifier, moved)
     rows = [{"image_path": str(photo)}] * 3
-    share = accuracy(classifier, GlobalViews(processor, predictor.num_crops), rows, [0, 1, 1], batch=2)
+    photos = ValidationPhotos(rows, [0, 1, 1], GlobalViews(processor, predictor.num_crops), batch=2)
+    share = photos.accuracy(classifier)
     assert share in (1 / 3, 2 / 3) and checked == ["forward", "forward"] and bypassed == []
