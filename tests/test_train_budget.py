@@ -93,7 +93,7 @@ def test_balanced_order_depends_only_on_seed_and_epoch():
 
 def test_balance_with_length_grouping_is_refused_by_name():
     with pytest.raises(Exception, match="train.balance and train.group_by_length"):
-        load_config(CONFIGS / "tiny-cpu.yaml", ["train.group_by_length=true"])
+        load_config(CONFIGS / "tiny-cpu.yaml", ["train.balance=0.5", "train.group_by_length=true"])
 
 
 def test_stage_one_on_a_budget_stops_on_time_and_says_so(tmp_path):
