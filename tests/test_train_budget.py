@@ -121,3 +121,26 @@ def test_stage_one_on_a_budget_stops_on_time_and_says_so(tmp_path):
     result = json.loads((tmp_path / "run" / "vision-pretrained" / RESULT).read_text())
     assert result["stopped_by"] == "time" and 0 < result["epochs_run"] < 1000
     assert len(result["validation_curve"]) == math.ceil(result["epochs_run"])  # a cut epoch is measured too
+
+
+def test_the_end_of_train_puts_stage_one_beside_the_trained_model(tmp_path, capsys):
+    from productvlm.data.synth import synthesize
+    from productvlm.prompting.confidence import load_calibration
+    from productvlm.training.run import train
+
+    data, run = tmp_path / "catalog", tmp_path / "run"
+    synthesize(data, rows=64, seed=5, overwrite=True, progress=False, workers=1)
+    sets = [f"data.dir={data}", f"output_dir={run}", "tracking.backend=none", "eval.subset=4"]
+    sets += [
+        "train.batch_size=8",
+        "train.max_steps=2",
+        "train.num_workers=0",
+        "train.vision_pretrain.epochs=1",
+    ]
+    train(load_config(CONFIGS / "tiny-cpu.yaml", sets), progress=False)
+    last = json.loads((run / "train_log.jsonl").read_text().splitlines()[-1])
+    stage1 = json.loads((run / "vision-pretrained" / RESULT).read_text())
+    calibration = load_calibration(run / "final")
+    assert last["stage1_tower_validation_accuracy"] == stage1["validation_accuracy"]
+    assert last["final_validation_category_accuracy"] == calibration.curves["category"][-1][1]
+    assert f"({calibration.rows} photos)" in capsys.readouterr().out

@@ -50,6 +50,11 @@ class TimeBudget(TrainerCallback, ExportableState):
         self.spent, self._since = self.now(), None
 
 
+def time_budget(minutes: float | None) -> TimeBudget | None:
+    """A stage's `max_minutes` as its budget (None: no budget)."""
+    return TimeBudget(60 * minutes) if minutes else None
+
+
 def clocked(schedule, budget: TimeBudget, total_steps: int):
     """`schedule(step)` evaluated at the step the budget's clock says the run is at, if that is later."""
 
@@ -59,4 +64,4 @@ def clocked(schedule, budget: TimeBudget, total_steps: int):
     return factor
 
 
-__all__ = ["TimeBudget", "clocked"]
+__all__ = ["TimeBudget", "clocked", "time_budget"]

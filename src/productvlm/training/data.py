@@ -334,11 +334,14 @@ class BalancedSampler(torch.utils.data.Sampler):
         return iter(torch.multinomial(self.weights, len(self.weights), True, generator=generator).tolist())
 
 
-def balance_labels(rows: list[dict[str, Any]], label: str, where: str) -> list[str]:
-    """Each row's `label` value for `train.balance`; UserError naming the first row without one."""
+def balanced_sampler(t, rows: list[dict[str, Any]], where: str) -> BalancedSampler | None:
+    """`train.balance`'s sampler over `rows` (None when it is 0); UserError naming the first row without
+    `train.balance_label`."""
+    if not t.balance:
+        return None
     for row in rows:
-        if label not in row:
+        if t.balance_label not in row:
             raise UserError(
-                f"train.balance_label {label!r}: row {sample_name(row)} of {where} has no such column"
+                f"train.balance_label {t.balance_label!r}: row {sample_name(row)} of {where} has no such column"
             )
-    return [str(row[label]) for row in rows]
+    return BalancedSampler([str(row[t.balance_label]) for row in rows], t.balance, t.seed)

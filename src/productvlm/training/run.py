@@ -249,13 +249,12 @@ def calibrate_final(final: Path, cfg: Config, progress: bool = True) -> Path:
 def compare_stages(run: Path, base: str, final: Path, step: int) -> dict[str, float]:
     """Stage 1's tower (its head) and the finished model, on the validation photos, side by side: printed,
     logged to train_log.jsonl and returned (empty without stage 1 or a calibration)."""
-    from productvlm.prompting.confidence import CALIBRATION_FILE
+    from productvlm.prompting.confidence import load_calibration
 
-    tower, calibration = stage_one(base), final / CALIBRATION_FILE
-    if "vision_pretrain/validation_accuracy" not in tower or not calibration.is_file():
+    tower, calibration = stage_one(base), load_calibration(final)
+    if "vision_pretrain/validation_accuracy" not in tower or calibration is None:
         return {}
-    calibrated = json.loads(calibration.read_text(encoding="utf-8"))
-    curve = calibrated["curves"]["category"]
+    curve = calibration.curves["category"]
     figures = {
         "stage1_tower_validation_accuracy": tower["vision_pretrain/validation_accuracy"],
         "final_validation_category_accuracy": curve[-1][1],  # the curve's last point: every row
@@ -266,7 +265,7 @@ def compare_stages(run: Path, base: str, final: Path, step: int) -> dict[str, fl
     print(
         f"category accuracy on the validation photos: stage 1 tower {figures['stage1_tower_validation_accuracy']:.1%} "
         f"({tower['vision_pretrain/validation_rows']:.0f} photos), the trained model "
-        f"{figures['final_validation_category_accuracy']:.1%} ({calibrated['rows']} photos)",
+        f"{figures['final_validation_category_accuracy']:.1%} ({calibration.rows} photos)",
         flush=True,
     )
     return figures

@@ -29,10 +29,10 @@ from productvlm.models.loading import EXTRA_TRAINABLES, save_quantization
 from productvlm.prompting.settings import PromptSettings
 from productvlm.prompting.templates import render
 from productvlm.run_folder import SAMPLES
-from productvlm.training.budget import TimeBudget, clocked
+from productvlm.training.budget import TimeBudget, clocked, time_budget
 from productvlm.training.callbacks import AtomicCheckpoints, TellEpoch
 from productvlm.training.checkpoints import complete_checkpoints, evals_since_best
-from productvlm.training.data import BalancedSampler, EpochLengthSampler, balance_labels
+from productvlm.training.data import EpochLengthSampler, balanced_sampler
 from productvlm.training.generation_scores import score
 from productvlm.training.model import extra_trainables, param_groups
 from productvlm.training.tracking import log_eval_samples
@@ -72,9 +72,7 @@ def row_sampler(t, dataset, batch_size: int, where: str):
     """The order of the training rows that `train` asks for: length-grouped, balanced or None (shuffled)."""
     if t.group_by_length:
         return EpochLengthSampler(batch_size, dataset.lengths, t.seed)
-    if t.balance:
-        return BalancedSampler(balance_labels(dataset.rows, t.balance_label, where), t.balance, t.seed)
-    return None
+    return balanced_sampler(t, dataset.rows, where)
 
 
 class RunTrainer(StageTrainer):
@@ -84,8 +82,7 @@ class RunTrainer(StageTrainer):
         t = run_cfg.train
         dataset, size = kwargs["train_dataset"], kwargs["args"].train_batch_size * t.grad_accum
         sampler = row_sampler(t, dataset, size, f"{run_cfg.data.dir}/train")
-        budget = TimeBudget(60 * t.max_minutes) if t.max_minutes else None
-        super().__init__(*args, sampler=sampler, budget=budget, **kwargs)
+        super().__init__(*args, sampler=sampler, budget=time_budget(t.max_minutes), **kwargs)
         self.run_cfg, self.eval_rows = run_cfg, eval_rows
         self.add_callback(AtomicCheckpoints(t.save_total_limit, run_cfg.eval.metric))
 

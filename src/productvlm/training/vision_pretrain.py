@@ -31,8 +31,8 @@ from productvlm.errors import UserError
 from productvlm.inference.inputs import load_image, photo_tensors, to_model
 from productvlm.prompting.templates import sample_name
 from productvlm.run_folder import VISION_PRETRAINED
-from productvlm.training.budget import TimeBudget
-from productvlm.training.data import BalancedSampler, TrainingPhotos, balance_labels, rows_of
+from productvlm.training.budget import time_budget
+from productvlm.training.data import TrainingPhotos, balanced_sampler, rows_of
 from productvlm.training.model import freeze_unused_tower, load_model
 from productvlm.training.progress import RichProgress
 from productvlm.training.trainer import StageTrainer
@@ -94,14 +94,14 @@ class Plateau(TrainerCallback):
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         self.curve.append(round(self.measure(), 4))
         model.train()
-        best = max(range(len(self.curve)), key=self.curve.__getitem__)  # the first of equals
-        if self.patience and len(self.curve) - 1 - best >= self.patience:
+        if self.stopped_early:
             control.should_training_stop = True
 
     @property
     def stopped_early(self) -> bool:
-        return (
-            bool(self.patience) and len(self.curve) - 1 - self.curve.index(max(self.curve)) >= self.patience
+        """`patience` epochs since the best one (the first of equals)."""
+        return bool(self.patience and self.curve) and (
+            len(self.curve) - 1 - self.curve.index(max(self.curve)) >= self.patience
         )
 
 
@@ -199,19 +199,14 @@ def pretrain_vision(cfg: Config, run: Path, base: str, args: TrainingArguments, 
         report_to=[],
         activation_checkpointing=False,
     )
-    sampler = None
-    if t.balance:
-        sampler = BalancedSampler(
-            balance_labels(rows, t.balance_label, f"{cfg.data.dir}/train"), t.balance, t.seed
-        )
     bar = RichProgress("vision pretrain") if progress else None
     trainer = StageTrainer(
         model=classifier,
         args=args,
         train_dataset=photos,
         data_collator=GlobalViews(processor, cfg.data.num_crops),
-        sampler=sampler,
-        budget=TimeBudget(60 * v.max_minutes) if v.max_minutes else None,
+        sampler=balanced_sampler(t, rows, f"{cfg.data.dir}/train"),
+        budget=time_budget(v.max_minutes),
         callbacks=[*([plateau] if plateau else [])],
     )
     if bar:
