@@ -72,6 +72,8 @@ def row_sampler(t, dataset, batch_size: int, where: str):
     """The order of the training rows that `train` asks for: length-grouped, balanced or None (shuffled)."""
     if t.group_by_length:
         return EpochLengthSampler(batch_size, dataset.lengths, t.seed)
+    if not t.balance:  # packs have no rows to balance (the config refuses balance with packing)
+        return None
     return balanced_sampler(t, dataset.rows, where)
 
 
