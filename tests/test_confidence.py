@@ -19,6 +19,7 @@ from productvlm.prompting.confidence import (
     field_correct,
     field_scores,
     load_calibration,
+    names_category,
     needs_review,
     review_thresholds,
     risk_coverage,
@@ -79,6 +80,48 @@ def test_field_scores_follow_the_tokens_of_each_field():
     assert scores["category"] == pytest.approx(math.exp(-0.1 - 0.2 - 0.1) * 0.5 * 0.8 * 0.6 * 0.5)
     assert scores["price"] == pytest.approx(math.exp(-0.5))
     assert field_scores("Product: Red Bag", [-0.1, -0.1, -0.1], [8, 12, 16])["price"] == 0.0  # missing
+
+
+def test_category_scores_the_title_words_that_name_it():
+    text = "Product: Red Tote Bag, Category: TOTE, Full Price: 590.0"
+    pieces = [
+        "Product:",
+        " Red",
+        " To",
+        "te",
+        " Bag",
+        ",",
+        " Category:",
+        " TOTE",
+        ",",
+        " Full Price:",
+        " 590",
+        ".0",
+    ]
+    ends = list(np.cumsum([len(p) for p in pieces]))
+    assert "".join(pieces) == text
+    p = [1.0, 0.5, 0.7, 0.9, 0.95, 1.0, 1.0, 0.99, 1.0, 1.0, 0.8, 1.0]
+    # "Tote" decides the category; "Red" (0.5) is a doubt about the title's colour, not the category
+    assert field_scores(text, np.log(p), ends)["category"] == pytest.approx(0.7 * 0.9 * 0.99)
+
+
+@pytest.mark.parametrize(
+    "word, category, names",
+    [("Cap", "CAPS", True), ("Scarf", "SCARVES", True), ("Trench", "TRENCH COATS", True),
+     ("shoulder", "SHOULDER", True), ("Bag", "TOTE", False), ("To", "TOTE", False), ("Red", "RED-WINE", True),
+     ("Tee", "T-SHIRTS", False)],
+)  # fmt: skip
+def test_which_title_words_name_the_category(word, category, names):
+    assert names_category(word, category) is names
+
+
+def test_auto_calibration_picks_the_shape_that_fits():
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.5, 1.0, 600)
+    level = rng.uniform(size=600) < np.where(scores > 0.9, 0.97, 0.4)  # accuracy levels off: a step
+    assert Calibrator.fit(scores, level).method == "isotonic"
+    smooth = rng.uniform(size=600) < scores**3  # a smooth function of the log-odds
+    assert Calibrator.fit(scores, smooth).method == "platt"
 
 
 def test_field_correct_and_review():

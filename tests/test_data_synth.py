@@ -142,6 +142,38 @@ def test_cli_synth(tmp_path):
     assert len(rows) == 12 and Counter(r["website_name"] for r in rows) == {"BURBERRY": 12}
 
 
+def test_cli_synth_splits_by_the_given_proportions(tmp_path):
+    from productvlm.cli import app
+
+    out = tmp_path / "split"
+    args = [
+        "data",
+        "synth",
+        "--out",
+        str(out),
+        "--rows",
+        "200",
+        "--split",
+        "60,20,20",
+        "--workers",
+        "1",
+        "-q",
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    counts = {s: len(folder.read_metadata(out, s)) for s in folder.SPLITS}
+    assert sum(counts.values()) == 200 and 100 <= counts["train"] <= 140 and min(counts.values()) >= 25
+    for s in folder.SPLITS:  # each photo in its own split's folder, each row's split the hash's
+        rows = folder.read_metadata(out, s)
+        assert {r["file_name"].split("/")[-1] for r in rows} == {
+            p.name for p in folder.images_dir(out, s).iterdir()
+        }
+        assert {folder.split_of(r["product_code"], 0, (0.6, 0.2, 0.2)) for r in rows} == {s}
+    assert json.loads((out / "dataset.json").read_text())["split"]["fractions"] == [0.6, 0.2, 0.2]
+    bad = CliRunner().invoke(app, ["data", "synth", "--out", str(tmp_path / "b"), "--split", "60,20", "-q"])
+    assert bad.exit_code != 0 and "--split '60,20'" in str(bad.exception)
+
+
 # ---------------------------------------------------------------- the other kinds
 
 

@@ -47,17 +47,26 @@ def synth(
         "numerals (10 tees told apart only by a printed glyph; b/d, p/q, R/reversed R are mirror pairs, so do not "
         "flip them in training) or close (5 bags told apart only by small symmetric details).",
     ),
+    split: str = typer.Option("80,10,10", "--split", help="train,validation,test proportions."),
 ) -> None:
     """Make a synthetic catalog: Burberry-style columns and one rendered photo per product.
 
     The photo determines the answers: silhouette -> category3_code (9 categories), colour and material/pattern -> title words, category x material x size -> full_price (about 4% noise).
 
-    Split 80/10/10 by product_code hash. Deterministic: the same seed gives byte-identical files.
+    Split by product_code hash (--split, 80/10/10 by default). Deterministic: the same seed gives
+    byte-identical files.
     """
     from productvlm.data.synth import synthesize
 
     info = synthesize(
-        out, rows=rows, seed=seed, workers=workers or None, overwrite=overwrite, progress=not quiet, kind=kind
+        out,
+        rows=rows,
+        seed=seed,
+        workers=workers or None,
+        overwrite=overwrite,
+        progress=not quiet,
+        kind=kind,
+        fractions=_parse_fractions(split),
     )
     counts = ", ".join(f"{k} {v}" for k, v in info["counts"].items())
     rate = rows / info["seconds"]

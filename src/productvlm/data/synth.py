@@ -18,7 +18,7 @@ import multiprocessing as mp
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -507,11 +507,11 @@ def product_codes(seed: int, rows: int, kind: str = "fashion") -> list[int]:
 # ---------------------------------------------------------------- the whole catalog
 
 
-def _render_task(task: tuple[int, int, int, str, str]) -> tuple[int, dict[str, Any]]:
+def _render_task(task: tuple[int, int, int, str, str, tuple[float, ...]]) -> tuple[int, dict[str, Any]]:
     """Worker: render one product, write its image atomically into `out_dir/<split>/images/`."""
-    seed, index, code, out_dir, kind = task
+    seed, index, code, out_dir, kind, fractions = task
     row, jpeg = make_product(seed, index, code, kind)
-    split = folder.split_of(code, seed=0)
+    split = folder.split_of(code, 0, fractions)
     path = Path(out_dir) / split / folder.image_file_name(row["imageurl"])
     folder.atomic_write_bytes(path, jpeg)
     return index, {"file_name": folder.image_file_name(row["imageurl"]), **row}
@@ -523,9 +523,15 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 
 
 def iter_rendered(
-    seed: int, rows: int, out_dir: Path, workers: int, kind: str = "fashion"
+    seed: int,
+    rows: int,
+    out_dir: Path,
+    workers: int,
+    kind: str = "fashion",
+    fractions: Sequence[float] = folder.DEFAULT_FRACTIONS,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    tasks = [(seed, i, code, str(out_dir), kind) for i, code in enumerate(product_codes(seed, rows, kind))]
+    codes = product_codes(seed, rows, kind)
+    tasks = [(seed, i, code, str(out_dir), kind, tuple(fractions)) for i, code in enumerate(codes)]
     if workers <= 1 or rows < 64:
         yield from map(_render_task, tasks)
         return
@@ -541,6 +547,7 @@ def synthesize(
     overwrite: bool = False,
     progress: bool = True,
     kind: str = "fashion",
+    fractions: Sequence[float] = folder.DEFAULT_FRACTIONS,
 ) -> dict[str, Any]:
     """Write a synthetic dataset folder; returns the dataset.json content (with counts and timing).
 
@@ -548,12 +555,14 @@ def synthesize(
     other photo sizes and price rule), longtail (shaped like the real price lists), numerals (10 tees
     told apart only by a printed glyph, three classes the mirror images of three others) or close
     (5 bags told apart only by small symmetric details).
-    The split uses the folder's default rule (product_code hash, seed 0, 80/10/10).
+    The split uses the folder's rule (product_code hash, seed 0) with `fractions` (train, validation,
+    test; default 80/10/10).
     """
     if rows < 1:
         raise UserError(f"--rows must be at least 1, got {rows}")
     if kind not in CATALOGS:
         raise UserError(f"--kind {kind!r}: choose from {', '.join(KINDS)}")
+    fractions = folder.check_fractions(fractions)
     out_dir = Path(out_dir)
     folder.check_output_dir(out_dir, overwrite)
     for split in folder.SPLITS:
@@ -564,13 +573,13 @@ def synthesize(
     from productvlm.data.progress import progress_bar
 
     with progress_bar("rendering", rows, enabled=progress) as advance:
-        for index, row in iter_rendered(seed, rows, out_dir, workers, kind):
+        for index, row in iter_rendered(seed, rows, out_dir, workers, kind, fractions):
             by_index[index] = row
             advance(1)
     rows_by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in folder.SPLITS}
     for index in range(rows):
         row = by_index[index]
-        rows_by_split[folder.split_of(row["product_code"])].append(row)
+        rows_by_split[folder.split_of(row["product_code"], 0, fractions)].append(row)
     counts = folder.write_splits(out_dir, rows_by_split)
     seconds = time.perf_counter() - t0
     info = {
@@ -580,7 +589,7 @@ def synthesize(
         "split": {
             "rule": "sha256(seed:product_code)",
             "seed": 0,
-            "fractions": list(folder.DEFAULT_FRACTIONS),
+            "fractions": list(fractions),
             "stratify": None,
         },
         "counts": counts,
