@@ -10,8 +10,9 @@ from productvlm.config import load_config
 from productvlm.data.synth import synthesize
 from productvlm.errors import UserError
 from productvlm.training import run as run_module
+from productvlm.training.model import load_model
 from productvlm.training.run import train, training_args
-from productvlm.training.vision_pretrain import RESULT, pretrain_vision
+from productvlm.training.vision_pretrain import RESULT, TowerClassifier, common_words, pretrain_vision
 from test_train_run import CONFIGS
 
 TOWER = "model.vision_embed_tokens.img_processor.vision_model."
@@ -134,6 +135,47 @@ def test_a_label_column_that_cannot_teach_is_refused_naming_it(data_dir, tmp_pat
     cfg = config(data_dir, tmp_path / "run", f"train.vision_pretrain.label={label}")
     with pytest.raises(UserError, match=f"train.vision_pretrain.label '{label}'.*{message}"):
         train(cfg, progress=False)
+
+
+def test_a_words_column_without_text_is_refused_naming_the_row(data_dir, tmp_path):
+    cfg = config(data_dir, tmp_path / "run", "train.vision_pretrain.words_from=full_price")
+    with pytest.raises(UserError, match=r"train.vision_pretrain.words_from 'full_price': row .* no text"):
+        train(cfg, progress=False)
+
+
+def test_common_words_are_the_ones_in_one_percent_of_the_rows(tmp_path):
+    rows = [{"title": f"Red Check Tote {i}"} for i in range(300)] + [{"title": "Blue Tote"}] * 4
+    rows += [{"title": "Green tote"}] * 3  # green: 3 rows, under 1% (3.07) and under 5
+    hot = common_words(rows, "title", tmp_path)
+    assert hot.shape == (307, 3)  # check, red, tote (sorted); blue: 4 < 5; digits are not words
+    assert hot[0].tolist() == [1.0, 1.0, 1.0] and hot[300].tolist() == [0.0, 0.0, 1.0]
+    assert common_words([{"title": "One"}] * 3, "title", tmp_path) is None
+
+
+def test_the_words_head_adds_its_loss_and_trains_the_tower(data_dir, tmp_path):
+    """With words_from, stage 1 fits a second head (the row's common title words) on the same pooled
+    features: the loss is the category's cross-entropy plus the words' binary cross-entropy, and the
+    run records how many words it learned."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = config(data_dir, run, "train.vision_pretrain.words_from=title", "train.vision_pretrain.epochs=1")
+    base = run_module.model_dir(cfg, run)
+    pretrain_vision(cfg, run, base, training_args(cfg, run, [], eval_on=False), progress=False)
+    result = json.loads((run / "vision-pretrained" / RESULT).read_text())
+    assert result["words"] > 5 and result["classes"] == 9
+
+    torch.manual_seed(0)
+    embedding = load_model(cfg, base)[0].model.vision_embed_tokens
+    head = TowerClassifier(embedding, 9, 4)
+    pixels, labels, words = (
+        torch.randn(2, 3, 112, 112),
+        torch.tensor([0, 1]),
+        torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 0]]),
+    )
+    both, alone = head(pixels, labels, words)["loss"], head(pixels, labels)["loss"]
+    pooled = embedding.crop_features(pixels).mean((1, 2))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(head.words_head(pooled), words)
+    assert torch.allclose(both, alone + bce)
 
 
 def test_kept_photos_are_augmented_exactly_as_photos_read_from_disk(data_dir, monkeypatch):

@@ -134,6 +134,12 @@ class VisionPretrainConfig(Section):
     patience: int | None = Field(
         None, ge=1, description="stop after this many epochs without a better validation accuracy"
     )
+    words_from: str | None = Field(
+        None,
+        min_length=1,
+        description="also learn which of this column's common words (in at least 1% of the training rows) "
+        "each photo's row has: a second head, so the tower also sees what the title names (colour, material)",
+    )
 
 
 class TrainConfig(Section):

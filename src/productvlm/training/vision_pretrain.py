@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import time
 from collections import Counter
@@ -41,26 +42,34 @@ RESULT = "vision_pretrain.json"
 
 
 class TowerClassifier(nn.Module):
-    """The tower's 2x2-merged patch features, mean-pooled, into a linear head over the label's values."""
+    """The tower's 2x2-merged patch features, mean-pooled, into a linear head over the label's values and,
+    with `n_words`, a second one saying which common words the row's `words_from` column has."""
 
-    def __init__(self, embedding: nn.Module, n_classes: int):
+    def __init__(self, embedding: nn.Module, n_classes: int, n_words: int = 0):
         super().__init__()
         self.embedding = embedding
         embedding.requires_grad_(False)
         embedding.img_processor.requires_grad_(True)  # the projector is not trained here
         self.head = nn.Linear(4 * embedding.image_dim_out, n_classes)
+        self.words_head = nn.Linear(4 * embedding.image_dim_out, n_words) if n_words else None
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
-        logits = self.head(self.embedding.crop_features(pixel_values).mean((1, 2)))
+    def forward(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, words: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        pooled = self.embedding.crop_features(pixel_values).mean((1, 2))
+        logits = self.head(pooled)
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        if loss is not None and words is not None and self.words_head is not None:
+            loss = loss + nn.functional.binary_cross_entropy_with_logits(self.words_head(pooled), words)
         return {"loss": loss, "logits": logits}
 
 
 class LabelledPhotos(Dataset):
-    """(photo, class index) per row, the photos as the VLM run's training feeds them (`TrainingPhotos`)."""
+    """(photo, class index) per row, the photos as the VLM run's training feeds them (`TrainingPhotos`);
+    with `words`, each row's multi-hot vector over the common words too."""
 
-    def __init__(self, photos: TrainingPhotos, targets: list[int]):
-        self.photos, self.targets = photos, targets
+    def __init__(self, photos: TrainingPhotos, targets: list[int], words: torch.Tensor | None = None):
+        self.photos, self.targets, self.words = photos, targets, words
 
     def set_epoch(self, epoch: int) -> None:
         self.photos.epoch = epoch
@@ -69,7 +78,30 @@ class LabelledPhotos(Dataset):
         return len(self.targets)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"image": self.photos[i], "labels": self.targets[i]}
+        item = {"image": self.photos[i], "labels": self.targets[i]}
+        return item if self.words is None else {**item, "words": self.words[i]}
+
+
+def common_words(rows: list[dict[str, Any]], column: str, data_dir: Path) -> torch.Tensor | None:
+    """Each row's multi-hot vector over the words (lowercased runs of letters) of `column` that at least
+    1% of the rows (and 5) have; None when no word is that common. UserError naming a row without it."""
+    words = []
+    for row in rows:
+        if not isinstance(row.get(column), str):
+            raise UserError(
+                f"train.vision_pretrain.words_from {column!r}: row {sample_name(row)} of {data_dir}/train "
+                "has no text in that column"
+            )
+        words.append(set(re.findall(r"[^\W\d_]+", row[column].lower())))
+    counts = Counter(w for ws in words for w in ws)
+    vocab = sorted(w for w, n in counts.items() if n >= max(5, len(rows) // 100))
+    if not vocab:
+        return None
+    index = {w: i for i, w in enumerate(vocab)}
+    hot = torch.zeros(len(rows), len(vocab))
+    for i, ws in enumerate(words):
+        hot[i, [index[w] for w in ws if w in index]] = 1.0
+    return hot
 
 
 class GlobalViews:
@@ -80,7 +112,10 @@ class GlobalViews:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pixels = photo_tensors(self.processor, [f["image"] for f in features], self.num_crops)["pixel_values"]
-        return {"pixel_values": pixels[:, 0], "labels": torch.tensor([f["labels"] for f in features])}
+        batch = {"pixel_values": pixels[:, 0], "labels": torch.tensor([f["labels"] for f in features])}
+        if "words" in features[0]:
+            batch["words"] = torch.stack([f["words"] for f in features])
+        return batch
 
 
 class Plateau(TrainerCallback):
@@ -181,9 +216,11 @@ def pretrain_vision(cfg: Config, run: Path, base: str, args: TrainingArguments, 
             cfg.data.blank_images,  # the no-image control learns nothing here either
         ),
         [index[str(r[v.label])] for r in rows],
+        common_words(rows, v.words_from, cfg.data.dir) if v.words_from else None,
     )
     set_seed(t.seed)
-    classifier = TowerClassifier(model.model.vision_embed_tokens, len(classes))
+    n_words = 0 if photos.words is None else photos.words.shape[1]
+    classifier = TowerClassifier(model.model.vision_embed_tokens, len(classes), n_words)
     freeze_unused_tower(model)
     validation = validation_photos(cfg, processor, index)
     plateau = Plateau(lambda: validation.accuracy(classifier), v.patience) if validation else None
@@ -222,6 +259,7 @@ def pretrain_vision(cfg: Config, run: Path, base: str, args: TrainingArguments, 
         result = {
             "label": v.label,
             "classes": len(classes),
+            "words": n_words,
             "epochs": v.epochs,
             "epochs_run": round(trainer.state.epoch or 0, 2),
             "stopped_by": stopped_by(trainer, plateau),
