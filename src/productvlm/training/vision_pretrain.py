@@ -54,7 +54,10 @@ class TowerClassifier(nn.Module):
         self.words_head = nn.Linear(4 * embedding.image_dim_out, n_words) if n_words else None
 
     def forward(
-        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, words: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        words: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         pooled = self.embedding.crop_features(pixel_values).mean((1, 2))
         logits = self.head(pooled)
