@@ -120,7 +120,7 @@ class LoraConfig(Section):
 
 class VisionPretrainConfig(Section):
     """Stage 1 for a preset's random vision tower: before the VLM trains, the tower alone learns to tell
-    the training photos' `label` values apart (mean-pooled features -> a linear head, cross-entropy,
+    the training photos' `label` values apart (pooled features -> a linear head, cross-entropy,
     data.augment on), as a real VLM's tower arrives pretrained. The head is then dropped."""
 
     epochs: float = Field(0.0, ge=0, description="0: off; with max_minutes or patience: at most this many")
@@ -133,6 +133,11 @@ class VisionPretrainConfig(Section):
     )
     patience: int | None = Field(
         None, ge=1, description="stop after this many epochs without a better validation accuracy"
+    )
+    pool: Literal["max", "mean"] = Field(
+        "max",
+        description="how the head reads the tower's patch features: max (each feature's strongest patch: "
+        "a glyph or a handle in one corner counts) or mean (the whole photo's average)",
     )
     words_from: str | None = Field(
         None,

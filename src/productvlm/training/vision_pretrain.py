@@ -42,12 +42,17 @@ RESULT = "vision_pretrain.json"
 
 
 class TowerClassifier(nn.Module):
-    """The tower's 2x2-merged patch features, mean-pooled, into a linear head over the label's values and,
-    with `n_words`, a second one saying which common words the row's `words_from` column has."""
+    """The tower's 2x2-merged patch features, pooled over the patches, into a linear head over the label's
+    values and, with `n_words`, a second one saying which common words the row's `words_from` column has.
 
-    def __init__(self, embedding: nn.Module, n_classes: int, n_words: int = 0):
+    `pool` "max" keeps each feature's strongest patch: what tells two classes apart is often small (a
+    printed glyph, a handle), and a mean over the 16 patches dilutes it and its gradient 16 times. Measured
+    on stage 1 alone (validation accuracy after 20 epochs, max vs mean): fashion 92.2% vs 85.5%, close
+    bags 93.8% vs 75.0%; numerals after 12 epochs 51.4% vs 25.9% (README, Train)."""
+
+    def __init__(self, embedding: nn.Module, n_classes: int, n_words: int = 0, pool: str = "max"):
         super().__init__()
-        self.embedding = embedding
+        self.embedding, self.pool = embedding, pool
         embedding.requires_grad_(False)
         embedding.img_processor.requires_grad_(True)  # the projector is not trained here
         self.head = nn.Linear(4 * embedding.image_dim_out, n_classes)
@@ -59,7 +64,8 @@ class TowerClassifier(nn.Module):
         labels: torch.Tensor | None = None,
         words: torch.Tensor | None = None,
     ) -> dict[str, Any]:
-        pooled = self.embedding.crop_features(pixel_values).mean((1, 2))
+        features = self.embedding.crop_features(pixel_values).flatten(1, 2)
+        pooled = features.amax(1) if self.pool == "max" else features.mean(1)
         logits = self.head(pooled)
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         if loss is not None and words is not None and self.words_head is not None:
@@ -223,7 +229,7 @@ def pretrain_vision(cfg: Config, run: Path, base: str, args: TrainingArguments, 
     )
     set_seed(t.seed)
     n_words = 0 if photos.words is None else photos.words.shape[1]
-    classifier = TowerClassifier(model.model.vision_embed_tokens, len(classes), n_words)
+    classifier = TowerClassifier(model.model.vision_embed_tokens, len(classes), n_words, v.pool)
     freeze_unused_tower(model)
     validation = validation_photos(cfg, processor, index)
     plateau = Plateau(lambda: validation.accuracy(classifier), v.patience) if validation else None
@@ -263,6 +269,7 @@ def pretrain_vision(cfg: Config, run: Path, base: str, args: TrainingArguments, 
             "label": v.label,
             "classes": len(classes),
             "words": n_words,
+            "pool": v.pool,
             "epochs": v.epochs,
             "epochs_run": round(trainer.state.epoch or 0, 2),
             "stopped_by": stopped_by(trainer, plateau),
