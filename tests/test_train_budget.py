@@ -1,4 +1,5 @@
-"""Time budgets (training/budget.py), stage 1's plateau stop, and balanced row sampling (train.balance)."""
+"""Time budgets (training/budget.py), stage 1's plateau stop, and balancing rare labels (train.balance:
+sampling or loss weights)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from transformers.optimization import get_cosine_schedule_with_warmup
 
 from productvlm.config import load_config
 from productvlm.training.budget import TimeBudget, clocked
-from productvlm.training.data import BalancedSampler
+from productvlm.training.data import BalancedSampler, label_weights, loss_weights
 from productvlm.training.vision_pretrain import RESULT, Plateau
 from test_train_run import CONFIGS
 
@@ -94,6 +95,29 @@ def test_balanced_order_depends_only_on_seed_and_epoch():
 def test_balance_with_length_grouping_is_refused_by_name():
     with pytest.raises(Exception, match="train.balance and train.group_by_length"):
         load_config(CONFIGS / "tiny-cpu.yaml", ["train.balance=0.5", "train.group_by_length=true"])
+    with pytest.raises(Exception, match="train.balance weighs single rows and train.packing"):
+        load_config(
+            CONFIGS / "tiny-cpu.yaml", ["train.balance=0.5", "train.balance_by=loss", "train.packing=true"]
+        )
+    # loss weights leave the order to the length grouping
+    sets = ["train.balance=0.5", "train.balance_by=loss", "train.group_by_length=true"]
+    assert load_config(CONFIGS / "tiny-cpu.yaml", sets).train.balance_by == "loss"
+
+
+def test_loss_weights_have_mean_one_and_the_power_says_how_much_rarer_weighs_more():
+    labels = ["common"] * 900 + ["rare"] * 100
+    for power in (0.0, 0.5, 1.0):
+        w = label_weights(labels, power)
+        assert float(w.mean()) == pytest.approx(1.0)
+        assert float(w[-1] / w[0]) == pytest.approx(9.0**power)  # 900 / 100 rows
+    rows = [{"category3_code": c, "product_code": i} for i, c in enumerate(labels)]
+    t = load_config(CONFIGS / "tiny-cpu.yaml", ["train.balance=1", "train.balance_by=loss"]).train
+    weights = loss_weights(t, rows, "cat/train")
+    assert sum(w for w, r in zip(weights, rows) if r["category3_code"] == "rare") == pytest.approx(500.0)
+    with pytest.raises(Exception, match=r"row \? \(product_code 7\) of cat/train has no such column"):
+        loss_weights(t, [*rows[:7], {"product_code": 7}], "cat/train")
+    sampling = load_config(CONFIGS / "tiny-cpu.yaml", ["train.balance=1"]).train
+    assert loss_weights(sampling, rows, "cat/train") is None  # sampling draws; the loss stays plain
 
 
 def test_stage_one_on_a_budget_stops_on_time_and_says_so(tmp_path):

@@ -173,3 +173,35 @@ def test_best_is_by_the_metric_then_price_mape_then_the_earlier_step():
 def test_bad_recipe_values_are_named(item, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.") + ": "):
         load_config(None, [item])
+
+
+def test_balance_by_loss_weighs_each_rows_answer_tokens_by_its_weight(tiny_model_dir, batch, tmp_path):
+    """Stage 2 under train.balance_by loss: the Trainer's token-mean loss with each row's token losses
+    multiplied by the row's weight; rows measured one at a time give the expected value."""
+    from productvlm.training.trainer import RunTrainer
+
+    cfg = cfg_of(
+        f"output_dir={tmp_path}", "train.balance=0.5", "train.balance_by=loss", "train.group_by_length=false"
+    )
+    net = model(tiny_model_dir).train()
+    trainer = RunTrainer(
+        model=net,
+        args=training_args(cfg, tmp_path, [], eval_on=False),
+        train_dataset=[0],
+        data_collator=lambda x: x,
+        run_cfg=cfg,
+        eval_rows=[],
+    )
+    sums, tokens = [], []
+    with torch.no_grad():
+        for i in range(3):
+            one = {k: v[i : i + 1] for k, v in batch.items()}
+            n = int((one["labels"][:, 1:] != -100).sum())
+            sums.append(float(net(**one).loss) * n)
+            tokens.append(n)
+        plain = trainer.compute_loss(net, dict(batch))
+        same = trainer.compute_loss(net, {**batch, "sample_weight": torch.ones(3)})
+        weighted = trainer.compute_loss(net, {**batch, "sample_weight": torch.tensor([2.0, 0.0, 1.0])})
+    assert float(plain) == pytest.approx(sum(sums) / sum(tokens), rel=1e-4)
+    assert float(same) == pytest.approx(float(plain), rel=1e-5)
+    assert float(weighted) == pytest.approx((2 * sums[0] + sums[2]) / sum(tokens), rel=1e-4)

@@ -176,6 +176,10 @@ def test_the_words_head_adds_its_loss_and_trains_the_tower(data_dir, tmp_path):
     pooled = embedding.crop_features(pixels).amax((1, 2))
     bce = torch.nn.functional.binary_cross_entropy_with_logits(head.words_head(pooled), words)
     assert torch.allclose(both, alone + bce)
+    # train.balance_by loss: each row's cross-entropy times its weight, averaged over the batch
+    weighted = head(pixels, labels, weights=torch.tensor([2.0, 0.0]))["loss"]
+    first = torch.nn.functional.cross_entropy(head.head(pooled)[:1], labels[:1])
+    assert torch.allclose(weighted, first)
 
 
 def test_the_head_pools_each_feature_at_its_strongest_patch_or_the_mean(data_dir, tmp_path):
@@ -187,7 +191,7 @@ def test_the_head_pools_each_feature_at_its_strongest_patch_or_the_mean(data_dir
     features[0, 3, 1, 7] = 16.0
     embedding.crop_features = lambda pixels: features
     heads = {pool: TowerClassifier(embedding, 3, pool=pool) for pool in ("max", "mean")}
-    for pool, head in heads.items():
+    for head in heads.values():
         head.head.weight.data.zero_()
         head.head.bias.data.zero_()
         head.head.weight.data[1, 7] = 1.0

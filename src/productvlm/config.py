@@ -193,18 +193,27 @@ class TrainConfig(Section):
         0.0,
         ge=0,
         le=1,
-        description="draw rows with weight count(balance_label)^-balance: 0 as the catalog comes, 1 every value alike",
+        description="weigh rows by count(balance_label)^-balance: 0 as the catalog comes, 1 every value alike",
     )
     balance_label: str = Field("category3_code", min_length=1, description="the column train.balance counts")
+    balance_by: Literal["sampling", "loss"] = Field(
+        "sampling",
+        description="sampling: rows drawn with replacement by those weights; loss: every row once an epoch, "
+        "its loss (both stages) multiplied by its weight (the weights' mean over the rows is 1)",
+    )
     merge_final: bool = False
     num_workers: int = Field(0, ge=0)
     vision_pretrain: VisionPretrainConfig = Field(default_factory=VisionPretrainConfig)
 
     @model_validator(mode="after")
     def _one_sampler(self) -> TrainConfig:
-        if self.balance and (self.group_by_length or self.packing):
-            on = "train.group_by_length" if self.group_by_length else "train.packing"
-            raise ValueError(f"train.balance and {on} each choose the order of the rows: turn one off")
+        if self.balance and self.packing:
+            raise ValueError("train.balance weighs single rows and train.packing joins them: turn one off")
+        if self.balance and self.balance_by == "sampling" and self.group_by_length:
+            raise ValueError(
+                "train.balance and train.group_by_length each choose the order of the rows: turn one off "
+                "(or train.balance_by: loss)"
+            )
         return self
 
     @field_validator("gradient_checkpointing", mode="before")

@@ -15,6 +15,7 @@ the same token mean as in a padded batch of the same samples (tested, with the g
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -85,8 +86,9 @@ class CatalogDataset(Dataset):
         blank_images: bool = False,
         augment=None,
         seed: int = 0,
+        weights: list[float] | None = None,
     ):
-        self.rows = rows
+        self.rows, self.weights = rows, weights
         self.samples = [encoder(row) for row in rows]
         self.photos = TrainingPhotos(
             [s.image_path for s in self.samples],
@@ -110,7 +112,8 @@ class CatalogDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         s = self.samples[i]
-        return {"input_ids": s.input_ids, "labels": s.labels, "image": self.photos[i]}
+        item = {"input_ids": s.input_ids, "labels": s.labels, "image": self.photos[i]}
+        return item if self.weights is None else {**item, "sample_weight": self.weights[i]}
 
 
 KEEP_PHOTOS_BYTES = 1 << 30
@@ -161,7 +164,12 @@ class Collator:
             span = slice(0, n) if self.side == "right" else slice(labels.shape[1] - n, None)
             labels[i, span] = torch.tensor(f["labels"])
         images = photo_tensors(self.processor, [f["image"] for f in features], self.num_crops)
-        return {**batch, "labels": labels, **images}
+        weights = (
+            {"sample_weight": torch.tensor([f["sample_weight"] for f in features])}
+            if "sample_weight" in features[0]
+            else {}
+        )
+        return {**batch, "labels": labels, **images, **weights}
 
 
 # ---------------------------------------------------------------- packing
@@ -310,17 +318,21 @@ class EpochLengthSampler(LengthGroupedSampler):
         return iter(length_grouped_order(self.lengths, self.batch_size, self.seed + self.epoch))
 
 
+def label_weights(labels: Sequence[str], power: float) -> torch.Tensor:
+    """count(label)^-power per row, scaled to a mean of 1 over the rows (`train.balance`): power 0 weighs
+    every row alike, 1 every label value alike, 0.5 halfway in the log (a value 100x rarer weighs 10x
+    less in all instead of 100x)."""
+    counts = Counter(labels)
+    weights = torch.tensor([counts[label] ** -power for label in labels], dtype=torch.float64)
+    return weights / weights.mean()
+
+
 class BalancedSampler(torch.utils.data.Sampler):
-    """Rows drawn with replacement, weight count(label)^-power (`train.balance`): power 0 draws the catalog
-    as it comes, 1 every label value equally often, 0.5 halfway in the log (a value 100x rarer is drawn
-    10x less often instead of 100x). One epoch is len(labels) draws, in an order that depends only on
-    (seed, epoch), so a resumed run replays it."""
+    """Rows drawn with replacement by their `label_weights` (`train.balance_by: sampling`). One epoch is
+    len(labels) draws, in an order that depends only on (seed, epoch), so a resumed run replays it."""
 
     def __init__(self, labels: Sequence[str], power: float, seed: int):
-        counts: dict[str, int] = {}
-        for label in labels:
-            counts[label] = counts.get(label, 0) + 1
-        self.weights = torch.tensor([counts[label] ** -power for label in labels], dtype=torch.float64)
+        self.weights = label_weights(labels, power)
         self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -334,9 +346,9 @@ class BalancedSampler(torch.utils.data.Sampler):
         return iter(torch.multinomial(self.weights, len(self.weights), True, generator=generator).tolist())
 
 
-def balanced_sampler(t, rows: list[dict[str, Any]], where: str) -> BalancedSampler | None:
-    """`train.balance`'s sampler over `rows` (None when it is 0); UserError naming the first row without
-    `train.balance_label`."""
+def balance_labels(t, rows: list[dict[str, Any]], where: str) -> list[str] | None:
+    """Each row's `train.balance_label` value when train.balance is on (else None); UserError naming the
+    first row without it."""
     if not t.balance:
         return None
     for row in rows:
@@ -344,4 +356,16 @@ def balanced_sampler(t, rows: list[dict[str, Any]], where: str) -> BalancedSampl
             raise UserError(
                 f"train.balance_label {t.balance_label!r}: row {sample_name(row)} of {where} has no such column"
             )
-    return BalancedSampler([str(row[t.balance_label]) for row in rows], t.balance, t.seed)
+    return [str(row[t.balance_label]) for row in rows]
+
+
+def balanced_sampler(t, rows: list[dict[str, Any]], where: str) -> BalancedSampler | None:
+    """`train.balance`'s sampler over `rows` (None when it is 0 or weighs the loss instead)."""
+    labels = balance_labels(t, rows, where) if t.balance_by == "sampling" else None
+    return None if labels is None else BalancedSampler(labels, t.balance, t.seed)
+
+
+def loss_weights(t, rows: list[dict[str, Any]], where: str) -> list[float] | None:
+    """Each row's loss weight under `train.balance_by: loss` (None otherwise)."""
+    labels = balance_labels(t, rows, where) if t.balance_by == "loss" else None
+    return None if labels is None else label_weights(labels, t.balance).tolist()

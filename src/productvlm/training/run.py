@@ -30,6 +30,7 @@ from productvlm.training.data import (
     Collator,
     PackCollator,
     PackedDataset,
+    loss_weights,
     make_encoder,
     padding_share,
     rows_of,
@@ -172,7 +173,14 @@ def train(
     train_rows = rows_of(cfg, "train")[: cfg.data.max_train_rows]
     train_ds, collator, data = datasets(
         cfg,
-        CatalogDataset(train_rows, encoder, cfg.data.blank_images, cfg.data.augment, cfg.train.seed),
+        CatalogDataset(
+            train_rows,
+            encoder,
+            cfg.data.blank_images,
+            cfg.data.augment,
+            cfg.train.seed,
+            loss_weights(cfg.train, train_rows, f"{cfg.data.dir}/train"),
+        ),
         processor,
     )
     eval_rows = rows_of(cfg, "validation")[: cfg.eval.subset]

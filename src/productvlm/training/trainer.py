@@ -72,8 +72,8 @@ def row_sampler(t, dataset, batch_size: int, where: str):
     """The order of the training rows that `train` asks for: length-grouped, balanced or None (shuffled)."""
     if t.group_by_length:
         return EpochLengthSampler(batch_size, dataset.lengths, t.seed)
-    if not t.balance:  # packs have no rows to balance (the config refuses balance with packing)
-        return None
+    if not t.balance or t.balance_by == "loss":  # loss: shuffled as usual, the weights go to the loss
+        return None  # (packs have no rows to balance: the config refuses balance with packing)
     return balanced_sampler(t, dataset.rows, where)
 
 
@@ -128,6 +128,24 @@ class RunTrainer(StageTrainer):
             save_file(extra, os.path.join(folder, EXTRA_TRAINABLES))
         if self.args.should_save:
             save_quantization(self.model, folder)  # qlora: a checkpoint's adapter loads on a 4-bit base too
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The Trainer's loss; under `train.balance_by: loss` each answer token's loss times its row's
+        weight. Written as the Trainer's loss times sum(w * ce) / sum(ce), the token losses `ce` of the
+        labelled positions (the model returns logits for those only in training): the same value as a
+        weighted token sum over the Trainer's own normaliser (tokens across accumulation and devices)."""
+        weights = inputs.pop("sample_weight", None)
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        if weights is not None and model.training:
+            targets = inputs["labels"][:, 1:]
+            keep = targets != -100
+            rows = keep.nonzero()[:, 0]
+            ce = torch.nn.functional.cross_entropy(
+                outputs.logits.float(), targets[keep].to(outputs.logits.device), reduction="none"
+            )
+            w = weights.to(ce)[rows.to(ce.device)]
+            loss = loss * (w * ce).sum() / ce.sum().clamp_min(1e-12)
+        return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """A step whose loss is NaN/inf (on any process) stops the run before the optimizer uses it.

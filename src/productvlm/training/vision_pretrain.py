@@ -33,7 +33,7 @@ from productvlm.inference.inputs import load_image, photo_tensors, to_model
 from productvlm.prompting.templates import sample_name
 from productvlm.run_folder import VISION_PRETRAINED
 from productvlm.training.budget import time_budget
-from productvlm.training.data import TrainingPhotos, balanced_sampler, rows_of
+from productvlm.training.data import TrainingPhotos, balanced_sampler, loss_weights, rows_of
 from productvlm.training.model import freeze_unused_tower, load_model
 from productvlm.training.progress import RichProgress
 from productvlm.training.trainer import StageTrainer
@@ -63,11 +63,15 @@ class TowerClassifier(nn.Module):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         words: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         features = self.embedding.crop_features(pixel_values).flatten(1, 2)
         pooled = features.amax(1) if self.pool == "max" else features.mean(1)
         logits = self.head(pooled)
-        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        loss = None
+        if labels is not None:  # `weights`: each row's (train.balance_by: loss), mean 1 over the rows
+            ce = nn.functional.cross_entropy(logits, labels, reduction="none")
+            loss = (ce if weights is None else ce * weights).mean()
         if loss is not None and words is not None and self.words_head is not None:
             loss = loss + nn.functional.binary_cross_entropy_with_logits(self.words_head(pooled), words)
         return {"loss": loss, "logits": logits}
@@ -75,10 +79,16 @@ class TowerClassifier(nn.Module):
 
 class LabelledPhotos(Dataset):
     """(photo, class index) per row, the photos as the VLM run's training feeds them (`TrainingPhotos`);
-    with `words`, each row's multi-hot vector over the common words too."""
+    with `words`, each row's multi-hot vector over the common words too; with `weights`, its loss weight."""
 
-    def __init__(self, photos: TrainingPhotos, targets: list[int], words: torch.Tensor | None = None):
-        self.photos, self.targets, self.words = photos, targets, words
+    def __init__(
+        self,
+        photos: TrainingPhotos,
+        targets: list[int],
+        words: torch.Tensor | None = None,
+        weights: list[float] | None = None,
+    ):
+        self.photos, self.targets, self.words, self.weights = photos, targets, words, weights
 
     def set_epoch(self, epoch: int) -> None:
         self.photos.epoch = epoch
@@ -88,6 +98,8 @@ class LabelledPhotos(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = {"image": self.photos[i], "labels": self.targets[i]}
+        if self.weights is not None:
+            item["weights"] = self.weights[i]
         return item if self.words is None else {**item, "words": self.words[i]}
 
 
@@ -124,6 +136,8 @@ class GlobalViews:
         batch = {"pixel_values": pixels[:, 0], "labels": torch.tensor([f["labels"] for f in features])}
         if "words" in features[0]:
             batch["words"] = torch.stack([f["words"] for f in features])
+        if "weights" in features[0]:
+            batch["weights"] = torch.tensor([f["weights"] for f in features], dtype=torch.float32)
         return batch
 
 
@@ -226,6 +240,7 @@ def pretrain_vision(cfg: Config, run: Path, base: str, args: TrainingArguments, 
         ),
         [index[str(r[v.label])] for r in rows],
         common_words(rows, v.words_from, cfg.data.dir) if v.words_from else None,
+        loss_weights(t, rows, f"{cfg.data.dir}/train"),
     )
     set_seed(t.seed)
     n_words = 0 if photos.words is None else photos.words.shape[1]
