@@ -222,6 +222,7 @@ def packed_row(cfg, tmp: Path, steps: int, batch_size: int, base: Naive, label: 
             f"train.max_steps={steps}",
             f"train.batch_size={packs}",
             "train.packing=true",
+            "train.balance=0",  # packs join rows; the recipe's loss weights are per row
             f"train.pack_length={pack}",
         )
     )
