@@ -183,21 +183,24 @@ def test_the_words_head_adds_its_loss_and_trains_the_tower(data_dir, tmp_path):
 
 
 def test_the_head_pools_each_feature_at_its_strongest_patch_or_the_mean(data_dir, tmp_path):
-    """pool max: the head reads each feature's largest value over the 16 patches; pool mean their
-    average. A feature raised in one patch only reaches the max-pooled head undiluted."""
+    """pool max: the head reads each feature's largest value over the 16 patches; mean their average;
+    mean+max both side by side. A feature raised in one patch reaches the max-pooled head undiluted."""
     cfg = config(data_dir, tmp_path)
     embedding = load_model(cfg, run_module.model_dir(cfg, tmp_path))[0].model.vision_embed_tokens
-    features = torch.zeros(1, 4, 4, 4 * embedding.image_dim_out)
+    width = 4 * embedding.image_dim_out
+    features = torch.zeros(1, 4, 4, width)
     features[0, 3, 1, 7] = 16.0
     embedding.crop_features = lambda pixels: features
-    heads = {pool: TowerClassifier(embedding, 3, pool=pool) for pool in ("max", "mean")}
-    for head in heads.values():
+    pixels = torch.zeros(1, 3, 112, 112)
+    read = {}
+    for pool in ("max", "mean", "mean+max"):
+        head = TowerClassifier(embedding, 3, pool=pool)
         head.head.weight.data.zero_()
         head.head.bias.data.zero_()
-        head.head.weight.data[1, 7] = 1.0
-    pixels = torch.zeros(1, 3, 112, 112)
-    assert heads["max"](pixels)["logits"][0, 1] == 16.0
-    assert heads["mean"](pixels)["logits"][0, 1] == 1.0
+        head.head.weight.data[1, 7] = 1.0  # the feature (the mean's copy under mean+max)
+        head.head.weight.data[2, -width + 7 if pool == "mean+max" else 7] = 1.0  # its max's copy
+        read[pool] = head(pixels)["logits"][0].tolist()
+    assert read == {"max": [0.0, 16.0, 16.0], "mean": [0.0, 1.0, 1.0], "mean+max": [0.0, 1.0, 16.0]}
 
 
 def test_kept_photos_are_augmented_exactly_as_photos_read_from_disk(data_dir, monkeypatch):

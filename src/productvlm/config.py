@@ -134,7 +134,7 @@ class VisionPretrainConfig(Section):
     patience: int | None = Field(
         None, ge=1, description="stop after this many epochs without a better validation accuracy"
     )
-    pool: Literal["max", "mean"] = Field(
+    pool: Literal["max", "mean", "mean+max"] = Field(
         "max",
         description="how the head reads the tower's patch features: max (each feature's strongest patch: "
         "a glyph or a handle in one corner counts) or mean (the whole photo's average)",

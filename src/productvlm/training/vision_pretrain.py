@@ -55,8 +55,9 @@ class TowerClassifier(nn.Module):
         self.embedding, self.pool = embedding, pool
         embedding.requires_grad_(False)
         embedding.img_processor.requires_grad_(True)  # the projector is not trained here
-        self.head = nn.Linear(4 * embedding.image_dim_out, n_classes)
-        self.words_head = nn.Linear(4 * embedding.image_dim_out, n_words) if n_words else None
+        width = 4 * embedding.image_dim_out * (2 if pool == "mean+max" else 1)
+        self.head = nn.Linear(width, n_classes)
+        self.words_head = nn.Linear(width, n_words) if n_words else None
 
     def forward(
         self,
@@ -66,7 +67,11 @@ class TowerClassifier(nn.Module):
         weights: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         features = self.embedding.crop_features(pixel_values).flatten(1, 2)
-        pooled = features.amax(1) if self.pool == "max" else features.mean(1)
+        pooled = {
+            "max": lambda: features.amax(1),
+            "mean": lambda: features.mean(1),
+            "mean+max": lambda: torch.cat([features.mean(1), features.amax(1)], -1),
+        }[self.pool]()
         logits = self.head(pooled)
         loss = None
         if labels is not None:  # `weights`: each row's (train.balance_by: loss), mean 1 over the rows
