@@ -166,7 +166,7 @@ def test_the_words_head_adds_its_loss_and_trains_the_tower(data_dir, tmp_path):
 
     torch.manual_seed(0)
     embedding = load_model(cfg, base)[0].model.vision_embed_tokens
-    head = TowerClassifier(embedding, 9, 4)
+    head = TowerClassifier(embedding, 9, 4, pool="max")
     pixels, labels, words = (
         torch.randn(2, 3, 112, 112),
         torch.tensor([0, 1]),

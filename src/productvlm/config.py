@@ -135,9 +135,9 @@ class VisionPretrainConfig(Section):
         None, ge=1, description="stop after this many epochs without a better validation accuracy"
     )
     pool: Literal["max", "mean", "mean+max"] = Field(
-        "max",
+        "mean+max",
         description="how the head reads the tower's patch features: max (each feature's strongest patch: "
-        "a glyph or a handle in one corner counts) or mean (the whole photo's average)",
+        "a glyph or a handle in one corner counts), mean (the whole photo's average), or both side by side",
     )
     words_from: str | None = Field(
         None,
