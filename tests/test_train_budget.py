@@ -94,7 +94,8 @@ def test_balanced_order_depends_only_on_seed_and_epoch():
 
 def test_balance_with_length_grouping_is_refused_by_name():
     with pytest.raises(Exception, match="train.balance and train.group_by_length"):
-        load_config(CONFIGS / "tiny-cpu.yaml", ["train.balance=0.5", "train.group_by_length=true"])
+        sets = ["train.balance=0.5", "train.balance_by=sampling", "train.group_by_length=true"]
+        load_config(CONFIGS / "tiny-cpu.yaml", sets)
     with pytest.raises(Exception, match="train.balance weighs single rows and train.packing"):
         load_config(
             CONFIGS / "tiny-cpu.yaml", ["train.balance=0.5", "train.balance_by=loss", "train.packing=true"]
@@ -116,7 +117,7 @@ def test_loss_weights_have_mean_one_and_the_power_says_how_much_rarer_weighs_mor
     assert sum(w for w, r in zip(weights, rows) if r["category3_code"] == "rare") == pytest.approx(500.0)
     with pytest.raises(Exception, match=r"row \? \(product_code 7\) of cat/train has no such column"):
         loss_weights(t, [*rows[:7], {"product_code": 7}], "cat/train")
-    sampling = load_config(CONFIGS / "tiny-cpu.yaml", ["train.balance=1"]).train
+    sampling = load_config(CONFIGS / "tiny-cpu.yaml", ["train.balance=1", "train.balance_by=sampling"]).train
     assert loss_weights(sampling, rows, "cat/train") is None  # sampling draws; the loss stays plain
 
 
