@@ -177,7 +177,7 @@ def test_the_words_head_adds_its_loss_and_trains_the_tower(data_dir, tmp_path):
     bce = torch.nn.functional.binary_cross_entropy_with_logits(head.words_head(pooled), words)
     assert torch.allclose(both, alone + bce)
     # train.balance_by loss: each row's cross-entropy times its weight, averaged over the batch
-    weighted = head(pixels, labels, weights=torch.tensor([2.0, 0.0]))["loss"]
+    weighted = head(pixels, labels, sample_weight=torch.tensor([2.0, 0.0]))["loss"]
     first = torch.nn.functional.cross_entropy(head.head(pooled)[:1], labels[:1])
     assert torch.allclose(weighted, first)
 

@@ -65,19 +65,18 @@ class TowerClassifier(nn.Module):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         words: torch.Tensor | None = None,
-        weights: torch.Tensor | None = None,
+        sample_weight: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         features = self.embedding.crop_features(pixel_values).flatten(1, 2)
-        pooled = {
-            "max": lambda: features.amax(1),
-            "mean": lambda: features.mean(1),
-            "mean+max": lambda: torch.cat([features.mean(1), features.amax(1)], -1),
-        }[self.pool]()
+        if self.pool == "mean+max":
+            pooled = torch.cat([features.mean(1), features.amax(1)], -1)
+        else:
+            pooled = features.amax(1) if self.pool == "max" else features.mean(1)
         logits = self.head(pooled)
         loss = None
-        if labels is not None:  # `weights`: each row's (train.balance_by: loss), mean 1 over the rows
+        if labels is not None:  # sample_weight: each row's (train.balance_by: loss), mean 1 over the rows
             ce = nn.functional.cross_entropy(logits, labels, reduction="none")
-            loss = (ce if weights is None else ce * weights).mean()
+            loss = (ce if sample_weight is None else ce * sample_weight).mean()
         if loss is not None and words is not None and self.words_head is not None:
             loss = loss + nn.functional.binary_cross_entropy_with_logits(self.words_head(pooled), words)
         return {"loss": loss, "logits": logits}
@@ -105,7 +104,7 @@ class LabelledPhotos(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = {"image": self.photos[i], "labels": self.targets[i]}
         if self.weights is not None:
-            item["weights"] = self.weights[i]
+            item["sample_weight"] = self.weights[i]
         return item if self.words is None else {**item, "words": self.words[i]}
 
 
@@ -142,8 +141,8 @@ class GlobalViews:
         batch = {"pixel_values": pixels[:, 0], "labels": torch.tensor([f["labels"] for f in features])}
         if "words" in features[0]:
             batch["words"] = torch.stack([f["words"] for f in features])
-        if "weights" in features[0]:
-            batch["weights"] = torch.tensor([f["weights"] for f in features], dtype=torch.float32)
+        if "sample_weight" in features[0]:  # the key stage 2's Collator uses too
+            batch["sample_weight"] = torch.tensor([f["sample_weight"] for f in features], dtype=torch.float32)
         return batch
 
 
