@@ -2,6 +2,7 @@
 
     python -m bench.recipes                                   # every kind, configs/tiny-cpu.yaml as shipped
     python -m bench.recipes --kinds numerals,close --set train.max_minutes=3 --tag short
+    python -m bench.recipes --kinds numerals --tower-from meanmax --set train.epochs=24 --tag s2-ep24
 
 Per catalog kind: a 2,000-row synthetic catalog (seed 0, made once under the work folder), one full
 `train` of the config from the random preset, `eval` on the test split. One row per catalog: stage 1's
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -36,12 +38,19 @@ def catalog(work: Path, kind: str, rows: int = 2000, seed: int = 0) -> Path:
     return target
 
 
-def measure(kind: str, work: Path, tag: str, overrides: list[str]) -> dict[str, Any]:
+def measure(
+    kind: str, work: Path, tag: str, overrides: list[str], tower_from: str | None = None
+) -> dict[str, Any]:
+    """`tower_from`: start from that tag's stage 1 on this catalog (its base-model and vision-pretrained
+    folders copied in), so that stage-2 variants are compared on the very same tower."""
     from productvlm.config import load_config
     from productvlm.evaluation.run import run_eval
     from productvlm.training.run import train
 
     data, run = catalog(work, kind), work / f"run-{tag}-{kind}"
+    if tower_from and not (run / "config.yaml").is_file():
+        for folder in ("base-model", "vision-pretrained"):
+            shutil.copytree(work / f"run-{tower_from}-{kind}" / folder, run / folder, dirs_exist_ok=True)
     cfg = load_config(
         TINY_CONFIG, [f"data.dir={data}", f"output_dir={run}", "tracking.backend=none", *overrides]
     )
@@ -110,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config key=value")
     p.add_argument("--tag", default="shipped")
     p.add_argument("--work", type=Path, default=RESULTS / "tmp" / "recipes")
+    p.add_argument("--tower-from", help="start from this tag's stage 1 (same catalog): stage-2 variants")
     a = p.parse_args(argv)
     from productvlm.cli import quiet_library_progress
 
@@ -118,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {r["kind"]: r for r in json.loads(out.read_text())} if out.is_file() else {}
     for kind in a.kinds.split(","):
         if kind not in done:
-            done[kind] = measure(kind, a.work, a.tag, a.overrides)
+            done[kind] = measure(kind, a.work, a.tag, a.overrides, a.tower_from)
             out.write_text(json.dumps(list(done.values()), indent=2) + "\n")
         print(markdown([done[kind]], a.tag).splitlines()[-1], flush=True)
     rows = [done[k] for k in KINDS if k in done]
