@@ -42,7 +42,8 @@ def measure(
     kind: str, work: Path, tag: str, overrides: list[str], tower_from: str | None = None
 ) -> dict[str, Any]:
     """`tower_from`: start from that tag's stage 1 on this catalog (its base-model and vision-pretrained
-    folders copied in), so that stage-2 variants are compared on the very same tower."""
+    folders copied in), so that stage-2 variants are compared on the very same tower (`main` refuses
+    stage-1 overrides beside it)."""
     from productvlm.config import load_config
     from productvlm.evaluation.run import run_eval
     from productvlm.training.run import train
@@ -121,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=RESULTS / "tmp" / "recipes")
     p.add_argument("--tower-from", help="start from this tag's stage 1 (same catalog): stage-2 variants")
     a = p.parse_args(argv)
+    stage1 = [o for o in a.overrides if o.startswith("train.vision_pretrain.")]
+    if a.tower_from and stage1:
+        p.error(f"--tower-from copies {a.tower_from}'s stage 1, so {', '.join(stage1)} would change nothing")
     from productvlm.cli import quiet_library_progress
 
     quiet_library_progress()

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` lives at the repo root
 
-from bench import bench_generate, bench_gpu, bench_profile, bench_train  # noqa: E402
+from bench import bench_generate, bench_gpu, bench_profile, bench_train, recipes  # noqa: E402
 from bench.common import catalog, tiny_config, tiny_model  # noqa: E402
 from bench.run import selected, to_markdown  # noqa: E402
 
@@ -138,3 +138,13 @@ def test_selected_names():
     assert selected(["--only", "train,bench_gpu"]) == {"train", "gpu"}
     assert selected(["profile", "--only=generate"]) == {"profile", "generate"}
     assert selected([]) == set()
+
+
+def test_recipes_refuse_stage1_overrides_beside_a_copied_tower(tmp_path, capsys):
+    """--tower-from copies another run's stage 1, so a stage-1 override would silently change nothing."""
+    argv = ["--tower-from", "meanmax", "--set", "train.vision_pretrain.epochs=3", "--work", str(tmp_path)]
+    with pytest.raises(SystemExit) as stopped:
+        recipes.main(argv)
+    assert stopped.value.code == 2
+    assert "train.vision_pretrain.epochs=3 would change nothing" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

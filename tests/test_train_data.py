@@ -10,7 +10,14 @@ from productvlm.data.synth import synthesize
 from productvlm.errors import UserError
 from productvlm.inference.inputs import load_image
 from productvlm.models.phi3v import Phi3VForCausalLM, Phi3VProcessor
-from productvlm.training.data import IGNORE, CatalogDataset, Collator, Encoder, EpochLengthSampler
+from productvlm.training.data import (
+    IGNORE,
+    CatalogDataset,
+    Collator,
+    Encoder,
+    EpochLengthSampler,
+    row_weights,
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +60,16 @@ def test_collated_labels_ignore_prompt_image_slots_and_padding(processor, rows):
         kept = labels[i][labels[i] != IGNORE].tolist()
         assert processor.tokenizer.decode(kept) == DEFAULT_ANSWER.format(**row) + "<|end|>"
     assert batch["pixel_values"].shape[:2] == (4, 5) and batch["image_sizes"].shape == (4, 2)
+
+
+def test_rows_carry_their_loss_weights_into_the_batch_only_when_weighted(processor, rows):
+    weighted = CatalogDataset(rows[:3], encoder(processor), weights=[0.5, 2.0, 1.0])
+    batch = Collator(processor, 1)([weighted[i] for i in range(3)])
+    assert batch["sample_weight"].dtype == torch.float32
+    assert batch["sample_weight"].tolist() == [0.5, 2.0, 1.0]
+    plain = CatalogDataset(rows[:3], encoder(processor))
+    assert "sample_weight" not in Collator(processor, 1)([plain[i] for i in range(3)])
+    assert row_weights([{"sample_weight": 3}]) == {"sample_weight": torch.tensor([3.0])}
 
 
 def test_size_only_lengths_match_the_processor(processor, rows):

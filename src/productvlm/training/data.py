@@ -150,6 +150,13 @@ class TrainingPhotos:
         return augment(image, self.augment, sample_rng(self.seed, self.epoch, index))
 
 
+def row_weights(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """{"sample_weight": each row's loss weight} when the rows carry one (`train.balance_by: loss`), else {}."""
+    if "sample_weight" not in features[0]:
+        return {}
+    return {"sample_weight": torch.tensor([f["sample_weight"] for f in features], dtype=torch.float32)}
+
+
 class Collator:
     """Pads ids (right: pad id, labels -100) and turns the batch's images into pixel_values/image_sizes."""
 
@@ -164,12 +171,7 @@ class Collator:
             span = slice(0, n) if self.side == "right" else slice(labels.shape[1] - n, None)
             labels[i, span] = torch.tensor(f["labels"])
         images = photo_tensors(self.processor, [f["image"] for f in features], self.num_crops)
-        weights = (
-            {"sample_weight": torch.tensor([f["sample_weight"] for f in features])}
-            if "sample_weight" in features[0]
-            else {}
-        )
-        return {**batch, "labels": labels, **images, **weights}
+        return {**batch, "labels": labels, **images, **row_weights(features)}
 
 
 # ---------------------------------------------------------------- packing

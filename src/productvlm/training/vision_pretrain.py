@@ -33,7 +33,7 @@ from productvlm.inference.inputs import load_image, photo_tensors, to_model
 from productvlm.prompting.templates import sample_name
 from productvlm.run_folder import VISION_PRETRAINED
 from productvlm.training.budget import time_budget
-from productvlm.training.data import TrainingPhotos, balanced_sampler, loss_weights, rows_of
+from productvlm.training.data import TrainingPhotos, balanced_sampler, loss_weights, row_weights, rows_of
 from productvlm.training.model import freeze_unused_tower, load_model
 from productvlm.training.progress import RichProgress
 from productvlm.training.trainer import StageTrainer
@@ -141,9 +141,7 @@ class GlobalViews:
         batch = {"pixel_values": pixels[:, 0], "labels": torch.tensor([f["labels"] for f in features])}
         if "words" in features[0]:
             batch["words"] = torch.stack([f["words"] for f in features])
-        if "sample_weight" in features[0]:  # the key stage 2's Collator uses too
-            batch["sample_weight"] = torch.tensor([f["sample_weight"] for f in features], dtype=torch.float32)
-        return batch
+        return {**batch, **row_weights(features)}
 
 
 class Plateau(TrainerCallback):
