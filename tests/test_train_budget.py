@@ -168,4 +168,11 @@ def test_the_end_of_train_puts_stage_one_beside_the_trained_model(tmp_path, caps
     calibration = load_calibration(run / "final")
     assert last["stage1_tower_validation_accuracy"] == stage1["validation_accuracy"]
     assert last["final_validation_category_accuracy"] == calibration.curves["category"][-1][1]
-    assert f"({calibration.rows} photos)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"({calibration.rows} photos)" in out and "still learning" not in out
+    # a tower cut short while it still climbed: the end of the run says to give stage 1 more time
+    from productvlm.training.run import compare_stages
+
+    (run / "vision-pretrained" / RESULT).write_text(json.dumps({**stage1, "still_climbing": 0.046}))
+    compare_stages(run, str(run / "vision-pretrained"), run / "final", 2)
+    assert "still learning when stage 1 ended (+4.6 points over its last 3 epochs)" in capsys.readouterr().out

@@ -276,6 +276,10 @@ def compare_stages(run: Path, base: str, final: Path, step: int) -> dict[str, fl
         f"{figures['final_validation_category_accuracy']:.1%} ({calibration.rows} photos)",
         flush=True,
     )
+    if "vision_pretrain/still_climbing" in tower:
+        from productvlm.training.vision_pretrain import climbing_hint
+
+        print(climbing_hint(tower["vision_pretrain/still_climbing"]), flush=True)
     return figures
 
 
